@@ -1,0 +1,128 @@
+"""Input checks shared by the estimator's methods. Every problem is a ValueError
+that names it."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.utils.validation import validate_data
+
+__all__ = [
+    "check_counts_data",
+    "check_size_factors",
+    "resolve_device",
+    "check_positive_int",
+]
+
+
+def check_positive_int(value, name: str, minimum: int = 1) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < minimum
+    ):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_positive_float(value, name: str, allow_zero: bool = False) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and np.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def check_counts_data(estimator, X, *, reset: bool, count: bool):
+    """Validate ``X`` and return a dense float64 array with a missing-entry mask.
+
+    Parameters
+    ----------
+    estimator : BaseEstimator
+        Records ``n_features_in_`` / ``feature_names_in_`` when ``reset``.
+    X : array-like, DataFrame or scipy.sparse matrix of shape (n_samples, n_features)
+        NaN marks a missing entry.
+    reset : bool
+        True in ``fit``; False afterwards (the feature count must match).
+    count : bool
+        The likelihood needs non-negative integers.
+
+    Returns
+    -------
+    x : ndarray of shape (n, p)
+        Missing entries set to 0.
+    mask : ndarray of shape (n, p) or None
+        1.0 where observed; None when every entry is observed.
+    """
+    X = validate_data(
+        estimator,
+        X,
+        reset=reset,
+        accept_sparse=("csr", "csc", "coo"),
+        dtype=(np.float64, np.float32),
+        ensure_all_finite="allow-nan",
+        ensure_min_samples=1,
+        ensure_min_features=1,
+    )
+    # Only the stored values need checking: implicit zeros of a sparse matrix are
+    # observed zeros, valid for every likelihood.
+    values = X.data if sp.issparse(X) else X
+    missing = np.isnan(values)
+    observed = values[~missing]
+    if count and observed.size:
+        if observed.min() < 0:
+            raise ValueError(
+                "X has negative values; count likelihoods need non-negative integer counts"
+            )
+        if not np.all(observed == np.round(observed)):
+            raise ValueError(
+                "X has non-integer values; count likelihoods need integer counts "
+                "(use likelihood='gaussian' for continuous data)"
+            )
+    # TODO(issue 6): keep sparse input sparse; dense until minibatching lands.
+    x = X.toarray() if sp.issparse(X) else np.array(X, dtype=np.float64, copy=True)
+    x = x.astype(np.float64, copy=False)
+    nan = np.isnan(x)
+    if nan.all():
+        raise ValueError("X has no observed entries (every entry is NaN)")
+    if nan.any():
+        mask = (~nan).astype(np.float64)
+        x[nan] = 0.0
+        return x, mask
+    return x, None
+
+
+def check_size_factors(size_factors, n_samples: int) -> np.ndarray | None:
+    """Return ``size_factors`` as float64 ``(n_samples,)`` or None; ValueError if invalid."""
+    if size_factors is None:
+        return None
+    s = np.asarray(size_factors, dtype=np.float64)
+    if s.ndim == 2 and 1 in s.shape:
+        s = s.ravel()
+    if s.ndim != 1 or s.shape[0] != n_samples:
+        raise ValueError(
+            f"size_factors must have shape ({n_samples},), one per sample; got {s.shape}"
+        )
+    if not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise ValueError("size_factors must be finite and strictly positive")
+    return s
+
+
+def resolve_device(device) -> torch.device:
+    """``"auto"`` picks CUDA when available; an unavailable device is an error."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a valid torch device") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} was requested but CUDA is not available; "
+            "use device='cpu' or 'auto'"
+        )
+    return dev

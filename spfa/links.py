@@ -1,0 +1,136 @@
+"""Link functions ``h`` mapping the linear predictor ``eta`` to the mean scale.
+
+Each link supplies ``h(eta)``, a numerically stable ``log h(eta)`` (count
+likelihoods only ever need the log-mean, see DESIGN.md), the inverse used for
+initialisation and the derivative used by the initial linearisation.
+
+New links are added by subclassing :class:`Link` and registering the class in
+``LINKS``; nothing else in spfa names a link.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Link", "Softplus", "Exp", "Identity", "LINKS", "get_link"]
+
+# Below this, log(softplus(eta)) = eta - exp(eta)/2 + O(exp(2 eta)), which is
+# exact in float32; above it, log(softplus(eta)) is evaluated directly.
+_SOFTPLUS_SWITCH = -10.0
+
+
+class Link:
+    """Base class: a strictly increasing map from the real line to the mean scale."""
+
+    name: str = ""
+    #: the range of h is the positive half-line (usable by count likelihoods)
+    positive: bool = True
+
+    def __call__(self, eta: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log(self, eta: torch.Tensor) -> torch.Tensor:
+        """``log h(eta)``, finite with finite gradients for every finite ``eta``."""
+        raise NotImplementedError
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        """``h^{-1}(y)`` in numpy, used to initialise the intercept."""
+        raise NotImplementedError
+
+    def derivative(self, eta: np.ndarray) -> np.ndarray:
+        """``h'(eta)`` in numpy, used by the initial linearisation."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Softplus(Link):
+    """``h(eta) = log(1 + exp(eta))``: linear for large eta, exp-like for small."""
+
+    name = "softplus"
+
+    def __call__(self, eta):
+        return F.softplus(eta)
+
+    def log(self, eta):
+        small = eta < _SOFTPLUS_SWITCH
+        # Each branch only sees inputs where it is accurate, so neither produces
+        # inf/NaN that torch.where would turn into NaN gradients.
+        eta_small = torch.clamp(eta, max=_SOFTPLUS_SWITCH)
+        eta_large = torch.clamp(eta, min=_SOFTPLUS_SWITCH)
+        return torch.where(
+            small,
+            eta_small - 0.5 * torch.exp(eta_small),
+            torch.log(F.softplus(eta_large)),
+        )
+
+    def inverse(self, y):
+        y = np.asarray(y, dtype=float)
+        # log(expm1(y)) written to avoid overflow for large y
+        return y + np.log(-np.expm1(-y))
+
+    def derivative(self, eta):
+        return 1.0 / (1.0 + np.exp(-np.asarray(eta, dtype=float)))
+
+
+class Exp(Link):
+    """``h(eta) = exp(eta)``, the canonical Poisson link.
+
+    In float32, ``exp(eta)`` overflows above ``eta ~ 88``; ``log h`` is exact
+    everywhere.
+    """
+
+    name = "exp"
+
+    def __call__(self, eta):
+        return torch.exp(eta)
+
+    def log(self, eta):
+        return eta
+
+    def inverse(self, y):
+        return np.log(np.asarray(y, dtype=float))
+
+    def derivative(self, eta):
+        return np.exp(np.asarray(eta, dtype=float))
+
+
+class Identity(Link):
+    """``h(eta) = eta``; the Gaussian likelihood's link."""
+
+    name = "identity"
+    positive = False
+
+    def __call__(self, eta):
+        return eta
+
+    def log(self, eta):  # pragma: no cover - never used by a positive likelihood
+        raise TypeError("the identity link has no log-mean")
+
+    def inverse(self, y):
+        return np.asarray(y, dtype=float)
+
+    def derivative(self, eta):
+        return np.ones_like(np.asarray(eta, dtype=float))
+
+
+LINKS: dict[str, type[Link]] = {cls.name: cls for cls in (Softplus, Exp, Identity)}
+
+
+def get_link(link: str | Link) -> Link:
+    """Return a :class:`Link` instance from a name or an instance."""
+    if isinstance(link, Link):
+        return link
+    if isinstance(link, str) and link in LINKS:
+        return LINKS[link]()
+    raise ValueError(
+        f"unknown link {link!r}; expected one of {sorted(LINKS)} or a Link instance"
+    )
+
+
+LOG_2PI = math.log(2.0 * math.pi)

@@ -1,0 +1,144 @@
+"""The torch module: variational posteriors on L and F, intercept, likelihood, ELBO.
+
+    x_ij | eta_ij ~ Lik(s_i h(eta_ij), theta_j),   eta = L F^T + 1 b^T
+
+with point-normal posteriors on ``L`` (``[n, k]``) and ``F`` (``[p, k]``) and,
+optionally, a per-feature intercept ``b_j ~ N(b0, 1/tau_b)`` whose prior is
+learned (so it shrinks to ``b0`` when the features share a baseline). Under
+the fully factorised ``q`` the linear predictor has moments (DESIGN.md)::
+
+    E[eta] = E[L] E[F]^T + E[b]
+    V[eta] = (V[L] + E[L]^2) V[F]^T + V[L] (E[F]^2)^T + V[b]
+
+and the ELBO is ``sum_ij E_q[log p(x_ij | eta_ij)] - KL_L - KL_F - KL_b`` over
+the observed entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .likelihoods import Likelihood
+from .priors import NormalEffect, PointNormal
+
+__all__ = ["ELBOTerms", "SparseFactorModel"]
+
+
+@dataclass
+class ELBOTerms:
+    """The ELBO's terms, kept apart for logging (scalars)."""
+
+    #: expected log-likelihood of the observed entries (TensorBoard ``loss/err``)
+    err: torch.Tensor
+    #: KL divergence of the loadings' posterior from their prior
+    kl_l: torch.Tensor
+    #: KL divergence of the factors' posterior from their prior
+    kl_f: torch.Tensor
+    #: KL divergence of the intercept's posterior from its prior (0 without one)
+    kl_b: torch.Tensor
+
+    @property
+    def elbo(self) -> torch.Tensor:
+        return self.err - self.kl_l - self.kl_f - self.kl_b
+
+    def stacked(self) -> torch.Tensor:
+        """``[elbo, err, kl_l, kl_f, kl_b]`` as one detached tensor (one sync to read)."""
+        return torch.stack(
+            [self.elbo, self.err, self.kl_l, self.kl_f, self.kl_b]
+        ).detach()
+
+    NAMES = ("elbo", "err", "kl_l", "kl_f", "kl_b")
+
+
+class SparseFactorModel(torch.nn.Module):
+    """Spike-and-slab factor model ``x ~ Lik(s h(L F^T + b))``.
+
+    Parameters
+    ----------
+    n_samples, n_features, n_components : int
+        ``n``, ``p`` and ``k``.
+    likelihood : Likelihood
+        Observation model (owns its nuisance parameters).
+    fit_intercept : bool
+        Learn a per-feature intercept ``b`` (``[p]``) with an empirical-Bayes
+        normal prior; otherwise ``b = 0``.
+    """
+
+    def __init__(
+        self,
+        n_samples: int,
+        n_features: int,
+        n_components: int,
+        likelihood: Likelihood,
+        fit_intercept: bool = True,
+    ):
+        super().__init__()
+        self.loadings = PointNormal(n_samples, n_components)
+        self.factors = PointNormal(n_features, n_components)
+        self.likelihood = likelihood
+        self.fit_intercept = fit_intercept
+        self.intercept = NormalEffect(n_features) if fit_intercept else None
+
+    def global_parameters(self) -> list[torch.nn.Parameter]:
+        """Everything shared by all samples: factors, priors, intercept, nuisance."""
+        params = self.factors.variational_parameters()
+        params += self.factors.prior_parameters() + self.loadings.prior_parameters()
+        if self.intercept is not None:
+            params += list(self.intercept.parameters())
+        params += list(self.likelihood.parameters())
+        return params
+
+    def eta_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of ``eta`` under ``q``, each ``[n, p]``."""
+        ml, vl = self.loadings.moments()
+        mf, vf = self.factors.moments()
+        mean = ml @ mf.T
+        var = (vl + ml**2) @ vf.T + vl @ (mf**2).T
+        if self.intercept is not None:
+            mb, vb = self.intercept.moments()
+            mean = mean + mb
+            var = var + vb
+        return mean, var
+
+    def intercept_mean(self) -> torch.Tensor:
+        """``E[b]``, ``[p]`` (zeros without an intercept)."""
+        if self.intercept is None:
+            return self.factors.mean.new_zeros(self.factors.mean.shape[0])
+        return self.intercept.mean
+
+    def elbo_terms(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        log_s: torch.Tensor | None,
+        n_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> ELBOTerms:
+        """The ELBO's terms for data ``x`` (``[n, p]``).
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, p)
+            Data, with missing entries set to any finite value.
+        mask : Tensor of shape (n, p) or None
+            1 for observed, 0 for missing entries; None if all are observed.
+        log_s : Tensor of shape (n, 1) or None
+            Log size factors.
+        n_samples : int
+            Monte Carlo draws of ``eta`` (ignored by closed-form likelihoods).
+        """
+        mean, var = self.eta_moments()
+        ll = self.likelihood.expected_log_prob(
+            x, mean, var, log_s, n_samples, generator
+        )
+        if mask is not None:
+            ll = ll * mask
+        kl_b = self.intercept.kl() if self.intercept is not None else ll.new_zeros(())
+        return ELBOTerms(ll.sum(), self.loadings.kl(), self.factors.kl(), kl_b)
+
+    def fitted_mean(self, log_s: torch.Tensor | None = None) -> torch.Tensor:
+        """Plug-in mean ``s h(E[eta])`` on the data scale, ``[n, p]``."""
+        mean, _ = self.eta_moments()
+        return self.likelihood.mean(mean, log_s)

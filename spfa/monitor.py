@@ -1,0 +1,74 @@
+"""What a fit records while it trains: TensorBoard scalars and the in-memory history.
+
+Tags (the seed notebook's): ``loss/elbo``, ``loss/err`` (expected
+log-likelihood), ``loss/kl_l``, ``loss/kl_f``, every step; and the learned
+per-factor priors ``prior/{loadings,factors}_{pi,scale}/<k>``, once per window
+of the stopping rule. ``history`` holds the same values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .model import ELBOTerms, SparseFactorModel
+
+__all__ = ["Monitor"]
+
+PRIOR_KEYS = (
+    "loadings_prior_pi",
+    "loadings_prior_scale",
+    "factors_prior_pi",
+    "factors_prior_scale",
+)
+
+
+class Monitor:
+    """Callback for :func:`spfa.training.train` (``on_window``).
+
+    Parameters
+    ----------
+    model : SparseFactorModel
+    log_dir : str or path, optional
+        Where to write a TensorBoard run; None keeps the history in memory only.
+    """
+
+    def __init__(self, model: SparseFactorModel, log_dir=None):
+        self.model = model
+        self.prior_history = {key: [] for key in PRIOR_KEYS}
+        self.prior_history["step"] = []
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def priors(self) -> dict[str, np.ndarray]:
+        m = self.model
+        values = {
+            "loadings_prior_pi": m.loadings.prior_pi,
+            "loadings_prior_scale": m.loadings.prior_scale,
+            "factors_prior_pi": m.factors.prior_pi,
+            "factors_prior_scale": m.factors.prior_scale,
+        }
+        return {k: v.detach().cpu().double().numpy() for k, v in values.items()}
+
+    def __call__(self, first_step: int, terms: np.ndarray) -> None:
+        last_step = first_step + len(terms)
+        priors = self.priors()
+        for key, value in priors.items():
+            self.prior_history[key].append(value.tolist())
+        self.prior_history["step"].append(last_step)
+        if self.writer is None:
+            return
+        for i, row in enumerate(terms):
+            for name, value in zip(ELBOTerms.NAMES, row, strict=True):
+                self.writer.add_scalar(f"loss/{name}", value, first_step + i + 1)
+        for key, value in priors.items():
+            tag = key.replace("_prior_", "_")
+            for k, v in enumerate(value):
+                self.writer.add_scalar(f"prior/{tag}/{k}", v, last_step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
