@@ -19,11 +19,7 @@ __all__ = [
 
 
 def check_positive_int(value, name: str, minimum: int = 1) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < minimum
-    ):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
@@ -122,7 +118,6 @@ def resolve_device(device) -> torch.device:
         raise ValueError(f"device={device!r} is not a valid torch device") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            f"device={device!r} was requested but CUDA is not available; "
-            "use device='cpu' or 'auto'"
+            f"device={device!r} was requested but CUDA is not available; use device='cpu' or 'auto'"
         )
     return dev

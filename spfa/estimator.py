@@ -34,9 +34,7 @@ __all__ = ["SparseFactorAnalysis"]
 N_SCORE_SAMPLES = 32
 
 
-class SparseFactorAnalysis(
-    ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
-):
+class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Sparse factor analysis with spike-and-slab (point-normal) priors.
 
     Fits ``X ~ Lik(s h(L F^T + b))`` with point-normal variational posteriors
@@ -166,11 +164,7 @@ class SparseFactorAnalysis(
         return self._make_likelihood(), resolve_device(self.device)
 
     def _tensor(self, a):
-        return (
-            None
-            if a is None
-            else torch.as_tensor(a, dtype=torch.float32, device=self.device_)
-        )
+        return None if a is None else torch.as_tensor(a, dtype=torch.float32, device=self.device_)
 
     def _data(self, X, size_factors, *, reset, likelihood):
         x, mask = check_counts_data(self, X, reset=reset, count=likelihood.is_count)
@@ -199,12 +193,8 @@ class SparseFactorAnalysis(
             n_rows, p, self.n_components, likelihood, fit_intercept=self.fit_intercept
         )
         state = {k: torch.as_tensor(v) for k, v in self._global_state().items()}
-        state["loadings.prior_logit"] = torch.as_tensor(
-            self._state["loadings.prior_logit"]
-        )
-        state["loadings.prior_log_prec"] = torch.as_tensor(
-            self._state["loadings.prior_log_prec"]
-        )
+        state["loadings.prior_logit"] = torch.as_tensor(self._state["loadings.prior_logit"])
+        state["loadings.prior_log_prec"] = torch.as_tensor(self._state["loadings.prior_log_prec"])
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and set(missing) <= {
             "loadings.logits",
@@ -286,9 +276,7 @@ class SparseFactorAnalysis(
 
         self._store(model, result, monitor)
         self.elbo_ = (
-            float(np.mean(result.history["elbo"][-50:]))
-            if result.history["elbo"]
-            else float("nan")
+            float(np.mean(result.history["elbo"][-50:])) if result.history["elbo"] else float("nan")
         )
         if not result.converged and not result.message:
             warnings.warn(
@@ -300,9 +288,7 @@ class SparseFactorAnalysis(
         return self
 
     def _store(self, model: SparseFactorModel, result, monitor: Monitor) -> None:
-        self._state = {
-            k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-        }
+        self._state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         with torch.no_grad():
             ml, _ = model.loadings.moments()
             mf, _ = model.factors.moments()
@@ -373,9 +359,7 @@ class SparseFactorAnalysis(
         z = (y - mu0) / slope
         if mask is not None:
             z = z * mask
-        w = slope**2 / np.maximum(
-            lik.variance_function(np.maximum(np.abs(mu0), 1e-12)), 1e-300
-        )
+        w = slope**2 / np.maximum(lik.variance_function(np.maximum(np.abs(mu0), 1e-12)), 1e-300)
         if not lik.is_count:
             w = 1.0 / self.noise_variance_
         tau = np.exp(self._state["loadings.prior_log_prec"].double().numpy())
@@ -390,11 +374,7 @@ class SparseFactorAnalysis(
             w = np.ones(second.shape[0])
         else:
             w = 1.0 / self.noise_variance_
-        obs = (
-            np.ones((model.loadings.mean.shape[0], second.shape[0]))
-            if mask is None
-            else mask
-        )
+        obs = np.ones((model.loadings.mean.shape[0], second.shape[0])) if mask is None else mask
         tau = np.exp(self._state["loadings.prior_log_prec"].double().numpy())
         return torch.as_tensor(np.log((obs * w) @ second + tau))
 
@@ -422,9 +402,7 @@ class SparseFactorAnalysis(
         check_is_fitted(self)
         Z = np.asarray(Z, dtype=np.float64)
         if Z.ndim != 2 or Z.shape[1] != self.n_components:
-            raise ValueError(
-                f"Z must have shape (n_samples, {self.n_components}), got {Z.shape}"
-            )
+            raise ValueError(f"Z must have shape (n_samples, {self.n_components}), got {Z.shape}")
         eta = torch.as_tensor(Z @ self.components_ + self.intercept_)
         likelihood = self._make_likelihood()
         return likelihood.mean(eta).double().numpy()

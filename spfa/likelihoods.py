@@ -84,9 +84,7 @@ class Likelihood(torch.nn.Module):
         """Elementwise ``log p(x | eta)``; shape of ``x`` broadcast with ``eta``."""
         raise NotImplementedError
 
-    def mean(
-        self, eta: torch.Tensor, log_s: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def mean(self, eta: torch.Tensor, log_s: torch.Tensor | None = None) -> torch.Tensor:
         """``E[x | eta] = s * h(eta)``."""
         mu = self.link(eta)
         return mu if log_s is None else mu * torch.exp(log_s)
@@ -155,9 +153,7 @@ class Gaussian(Likelihood):
         var = self.noise_variance
         return -0.5 * (LOG_2PI + torch.log(var) + (x - eta) ** 2 / var)
 
-    def expected_log_prob(
-        self, x, eta_mean, eta_var, log_s, n_samples=1, generator=None
-    ):
+    def expected_log_prob(self, x, eta_mean, eta_var, log_s, n_samples=1, generator=None):
         var = self.noise_variance
         return -0.5 * (LOG_2PI + torch.log(var) + ((x - eta_mean) ** 2 + eta_var) / var)
 
@@ -238,9 +234,7 @@ class NegativeBinomial(Likelihood):
         excess = np.asarray(feature_var, dtype=float) - mu
         r = np.where(excess > 0, mu**2 / np.maximum(excess, 1e-12), 1e3)
         r = np.clip(r, 1e-2, 1e3)
-        self.log_inverse_dispersion = torch.nn.Parameter(
-            torch.as_tensor(np.log(r)).float()
-        )
+        self.log_inverse_dispersion = torch.nn.Parameter(torch.as_tensor(np.log(r)).float())
 
     @property
     def inverse_dispersion(self) -> torch.Tensor:
@@ -274,9 +268,7 @@ LIKELIHOODS: dict[str, type[Likelihood]] = {
 }
 
 
-def get_likelihood(
-    likelihood: str | Likelihood, link: str | Link = "softplus"
-) -> Likelihood:
+def get_likelihood(likelihood: str | Likelihood, link: str | Link = "softplus") -> Likelihood:
     """Build a fresh likelihood from a registered name, or copy a given instance.
 
     Raises

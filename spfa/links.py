@@ -128,9 +128,7 @@ def get_link(link: str | Link) -> Link:
         return link
     if isinstance(link, str) and link in LINKS:
         return LINKS[link]()
-    raise ValueError(
-        f"unknown link {link!r}; expected one of {sorted(LINKS)} or a Link instance"
-    )
+    raise ValueError(f"unknown link {link!r}; expected one of {sorted(LINKS)} or a Link instance")
 
 
 LOG_2PI = math.log(2.0 * math.pi)

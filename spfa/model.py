@@ -45,9 +45,7 @@ class ELBOTerms:
 
     def stacked(self) -> torch.Tensor:
         """``[elbo, err, kl_l, kl_f, kl_b]`` as one detached tensor (one sync to read)."""
-        return torch.stack(
-            [self.elbo, self.err, self.kl_l, self.kl_f, self.kl_b]
-        ).detach()
+        return torch.stack([self.elbo, self.err, self.kl_l, self.kl_f, self.kl_b]).detach()
 
     NAMES = ("elbo", "err", "kl_l", "kl_f", "kl_b")
 
@@ -130,9 +128,7 @@ class SparseFactorModel(torch.nn.Module):
             Monte Carlo draws of ``eta`` (ignored by closed-form likelihoods).
         """
         mean, var = self.eta_moments()
-        ll = self.likelihood.expected_log_prob(
-            x, mean, var, log_s, n_samples, generator
-        )
+        ll = self.likelihood.expected_log_prob(x, mean, var, log_s, n_samples, generator)
         if mask is not None:
             ll = ll * mask
         kl_b = self.intercept.kl() if self.intercept is not None else ll.new_zeros(())

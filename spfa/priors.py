@@ -57,14 +57,12 @@ def point_normal_kl(
     """
     alpha = torch.sigmoid(logits)
     # log sigma(z) = -softplus(-z), log(1 - sigma(z)) = -softplus(z)
-    kl_spike = alpha * (F.softplus(-prior_logit) - F.softplus(-logits)) + (
-        1 - alpha
-    ) * (F.softplus(prior_logit) - F.softplus(logits))
+    kl_spike = alpha * (F.softplus(-prior_logit) - F.softplus(-logits)) + (1 - alpha) * (
+        F.softplus(prior_logit) - F.softplus(logits)
+    )
     tau = torch.exp(prior_log_prec)
     kl_slab = (
-        0.5
-        * alpha
-        * (log_prec - prior_log_prec - 1.0 + tau * (mean**2 + torch.exp(-log_prec)))
+        0.5 * alpha * (log_prec - prior_log_prec - 1.0 + tau * (mean**2 + torch.exp(-log_prec)))
     )
     return kl_spike + kl_slab
 
@@ -135,10 +133,7 @@ def normal_kl(
     """Elementwise ``KL(N(mean, exp(log_var)) || N(prior_mean, exp(-prior_log_prec)))``."""
     tau = torch.exp(prior_log_prec)
     return 0.5 * (
-        tau * (torch.exp(log_var) + (mean - prior_mean) ** 2)
-        - 1.0
-        - prior_log_prec
-        - log_var
+        tau * (torch.exp(log_var) + (mean - prior_mean) ** 2) - 1.0 - prior_log_prec - log_var
     )
 
 
@@ -167,9 +162,7 @@ class NormalEffect(torch.nn.Module):
         return Moments(self.mean, torch.exp(self.log_var))
 
     def kl(self) -> torch.Tensor:
-        return normal_kl(
-            self.mean, self.log_var, self.prior_mean, self.prior_log_prec
-        ).sum()
+        return normal_kl(self.mean, self.log_var, self.prior_mean, self.prior_log_prec).sum()
 
     @property
     def prior_scale(self) -> torch.Tensor:
