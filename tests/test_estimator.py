@@ -1,0 +1,286 @@
+"""The estimator's public contract, as a user exercises it."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer
+
+from spfa import SparseFactorAnalysis
+from spfa.simulate import simulate
+
+FAST = dict(max_iter=400, random_state=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def counts():
+    sim = simulate("poisson", n=60, p=40, pi0=(0.3, 0.6), slab_sd=(1.0, 1.5), seed=3)
+    return sim.x
+
+
+@pytest.fixture(scope="module")
+def fitted(counts):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return SparseFactorAnalysis(2, **FAST).fit(counts)
+
+
+def fit_quiet(est, X, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return est.fit(X, **kw)
+
+
+def test_fitted_attributes(fitted, counts):
+    n, p = counts.shape
+    est = fitted
+    assert est.components_.shape == (2, p)
+    assert est.loadings_.shape == (n, 2)
+    assert est.factors_pip_.shape == (p, 2) and est.loadings_pip_.shape == (n, 2)
+    assert np.all((est.factors_pip_ >= 0) & (est.factors_pip_ <= 1))
+    for name in [
+        "loadings_prior_pi_",
+        "factors_prior_pi_",
+        "loadings_prior_scale_",
+        "factors_prior_scale_",
+    ]:
+        assert getattr(est, name).shape == (2,)
+    assert est.intercept_.shape == (p,)
+    assert est.n_iter_ >= 1 and len(est.history_["elbo"]) == est.n_iter_
+    assert set(est.history_) >= {"elbo", "err", "kl_l", "kl_f"}
+    assert np.isfinite(est.elbo_)
+    assert not hasattr(est, "noise_variance_") and not hasattr(est, "dispersion_")
+    assert est.n_features_in_ == p
+
+
+def test_transform_inverse_transform_score(fitted, counts):
+    Z = fitted.transform(counts)
+    assert Z.shape == (counts.shape[0], 2) and Z.dtype == np.float64
+    # refitting q(L) with F fixed lands close to the training loadings
+    assert np.corrcoef(Z.ravel(), fitted.loadings_.ravel())[0, 1] > 0.95
+    M = fitted.inverse_transform(Z)
+    assert M.shape == counts.shape and np.all(M > 0)
+    score = fitted.score(counts)
+    assert np.isfinite(score)
+    assert score == pytest.approx(fitted.elbo_ / counts.size, rel=0.02)
+    # the score prefers the data the model was fitted to over shuffled columns
+    shuffled = np.random.default_rng(0).permuted(counts, axis=1)
+    assert fitted.score(shuffled) < score
+
+
+def test_fit_transform_matches_loadings(counts):
+    est = SparseFactorAnalysis(2, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        Z = est.fit_transform(counts)
+    np.testing.assert_array_equal(Z, est.loadings_)
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "negative_binomial"])
+def test_other_likelihoods_expose_nuisance(likelihood, counts):
+    est = fit_quiet(SparseFactorAnalysis(2, likelihood=likelihood, **FAST), counts)
+    if likelihood == "gaussian":
+        assert est.noise_variance_.shape == (counts.shape[1],)
+        assert np.all(est.noise_variance_ > 0)
+    else:
+        assert est.dispersion_.shape == (counts.shape[1],)
+        np.testing.assert_allclose(est.dispersion_ * est.inverse_dispersion_, 1.0)
+
+
+def test_exp_link(counts):
+    est = fit_quiet(SparseFactorAnalysis(2, link="exp", **FAST), counts)
+    assert np.all(np.isfinite(est.inverse_transform(est.loadings_)))
+
+
+def test_pickle_clone_determinism(fitted, counts):
+    again = pickle.loads(pickle.dumps(fitted))
+    np.testing.assert_array_equal(again.components_, fitted.components_)
+    np.testing.assert_allclose(again.transform(counts), fitted.transform(counts))
+    c = clone(fitted)
+    assert c.get_params() == fitted.get_params() and not hasattr(c, "components_")
+    refit = fit_quiet(c, counts)
+    np.testing.assert_array_equal(refit.components_, fitted.components_)
+
+
+def test_random_state_changes_mc_draws(counts):
+    a = fit_quiet(SparseFactorAnalysis(2, **{**FAST, "random_state": 1}), counts)
+    b = fit_quiet(SparseFactorAnalysis(2, **{**FAST, "random_state": 2}), counts)
+    assert not np.array_equal(a.components_, b.components_)
+
+
+def test_pipeline_and_dataframe(counts):
+    cols = [f"gene{j}" for j in range(counts.shape[1])]
+    df = pd.DataFrame(counts, columns=cols)
+    pipe = make_pipeline(FunctionTransformer(), SparseFactorAnalysis(2, **FAST))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        Z = pipe.fit_transform(df)
+    assert Z.shape == (counts.shape[0], 2)
+    est = pipe[-1]
+    assert list(est.feature_names_in_) == cols
+    assert list(est.get_feature_names_out()) == ["sparsefactoranalysis0", "sparsefactoranalysis1"]
+
+
+def test_sparse_input_matches_dense(counts):
+    dense = fit_quiet(SparseFactorAnalysis(2, **FAST), counts)
+    for fmt in (sp.csr_matrix, sp.csc_matrix):
+        est = fit_quiet(SparseFactorAnalysis(2, **FAST), fmt(counts))
+        np.testing.assert_allclose(est.components_, dense.components_, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_entries_drop_out(counts):
+    x = counts.copy()
+    rng = np.random.default_rng(0)
+    holes = rng.uniform(size=x.shape) < 0.1
+    x[holes] = np.nan
+    est = fit_quiet(SparseFactorAnalysis(2, **FAST), x)
+    assert np.all(np.isfinite(est.components_)) and np.isfinite(est.elbo_)
+    # the ELBO counts only observed entries: compare per-entry scores
+    assert np.isfinite(est.score(x))
+    # changing a missing value's placeholder changes nothing
+    y = counts.copy()
+    y[holes] = 1e6
+    y[holes] = np.nan
+    np.testing.assert_array_equal(
+        fit_quiet(SparseFactorAnalysis(2, **FAST), y).components_, est.components_
+    )
+
+
+def test_size_factors(counts):
+    s = np.linspace(0.5, 2.0, counts.shape[0])
+    est = fit_quiet(SparseFactorAnalysis(2, **FAST), counts, size_factors=s)
+    assert np.isfinite(est.score(counts, size_factors=s))
+    assert est.transform(counts, size_factors=s).shape == (counts.shape[0], 2)
+
+
+def test_all_zero_rows_columns_and_huge_counts():
+    rng = np.random.default_rng(0)
+    x = rng.poisson(2.0, size=(40, 30)).astype(float)
+    x[:, 0] = 0
+    x[3, :] = 0
+    x[5, 7] = 1e5
+    for lik in ["poisson", "negative_binomial"]:
+        est = fit_quiet(SparseFactorAnalysis(2, likelihood=lik, **FAST), x)
+        for name in ["components_", "loadings_", "intercept_"]:
+            assert np.all(np.isfinite(getattr(est, name))), (lik, name)
+        assert np.all(np.isfinite(est.history_["elbo"]))
+        assert np.all(np.isfinite(est.transform(x)))
+
+
+def test_convergence_warning_on_max_iter(counts):
+    with pytest.warns(ConvergenceWarning, match="max_iter"):
+        SparseFactorAnalysis(2, max_iter=60, tol=0, random_state=0).fit(counts)
+
+
+def test_converges_without_warning_by_default(counts):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        est = SparseFactorAnalysis(2, random_state=0).fit(counts)
+    assert est.n_iter_ < est.max_iter
+
+
+def test_tensorboard_tags_written(tmp_path, counts):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    est = fit_quiet(SparseFactorAnalysis(2, log_dir=tmp_path, **{**FAST, "max_iter": 100}), counts)
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss/elbo", "loss/err", "loss/kl_l", "loss/kl_f"} <= tags
+    assert {"prior/loadings_pi/0", "prior/factors_scale/1"} <= tags
+    elbo = [e.value for e in acc.Scalars("loss/elbo")]
+    np.testing.assert_allclose(elbo, est.history_["elbo"], rtol=1e-5)
+
+
+def test_cuda_unavailable_is_an_error(counts):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        SparseFactorAnalysis(2, device="cuda").fit(counts)
+
+
+@pytest.mark.cuda
+def test_fit_on_cuda_matches_cpu(counts):
+    cpu = fit_quiet(SparseFactorAnalysis(2, likelihood="gaussian", **FAST), counts)
+    gpu = fit_quiet(
+        SparseFactorAnalysis(2, likelihood="gaussian", **{**FAST, "device": "cuda"}), counts
+    )
+    assert gpu.device_.type == "cuda"
+    np.testing.assert_allclose(gpu.components_, cpu.components_, atol=1e-3)
+
+
+# ---------------------------------------------------------------- bad input
+BAD_X = [
+    (np.array([[1.0, -1.0], [2.0, 3.0]]), "negative"),
+    (np.array([[1.0, 0.5], [2.0, 3.0]]), "non-integer"),
+    (np.array([[1.0, np.inf], [2.0, 3.0]]), "infinity"),
+    (np.ones(5), "2D array"),
+    (np.ones((2, 2, 2)), "dim"),
+    (np.empty((0, 3)), "0 sample"),
+    (np.empty((3, 0)), "0 feature"),
+    (np.full((3, 3), np.nan), "no observed entries"),
+    (sp.csr_matrix(np.array([[1.0, -2.0], [0.0, 1.0]])), "negative"),
+]
+
+
+@pytest.mark.parametrize("X,match", BAD_X)
+def test_bad_x(X, match):
+    with pytest.raises(ValueError, match=match):
+        SparseFactorAnalysis(1).fit(X)
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        (dict(n_components=0), "n_components"),
+        (dict(n_components=2.5), "n_components"),
+        (dict(n_components=50), "larger than the data allow"),
+        (dict(likelihood="zip"), "unknown likelihood"),
+        (dict(link="logit"), "unknown link"),
+        (dict(n_mc_samples=0), "n_mc_samples"),
+        (dict(max_iter=0), "max_iter"),
+        (dict(tol=-1.0), "tol"),
+        (dict(learning_rate=0.0), "learning_rate"),
+        (dict(device="quantum"), "device"),
+    ],
+)
+def test_bad_params(params, match, counts):
+    with pytest.raises(ValueError, match=match):
+        SparseFactorAnalysis(**{"n_components": 2, **params}).fit(counts[:10, :10])
+
+
+@pytest.mark.parametrize(
+    "s,match",
+    [
+        (np.ones(3), "shape"),
+        (np.r_[np.ones(59), 0.0], "positive"),
+        (np.r_[np.ones(59), -1.0], "positive"),
+        (np.r_[np.ones(59), np.nan], "positive"),
+    ],
+)
+def test_bad_size_factors(s, match, counts, fitted):
+    with pytest.raises(ValueError, match=match):
+        SparseFactorAnalysis(2).fit(counts, size_factors=s)
+    with pytest.raises(ValueError, match=match):
+        fitted.transform(counts, size_factors=s)
+
+
+def test_size_factors_rejected_for_gaussian(counts):
+    with pytest.raises(ValueError, match="size_factors"):
+        SparseFactorAnalysis(2, likelihood="gaussian").fit(counts, size_factors=np.ones(60))
+
+
+def test_feature_mismatch_and_not_fitted(fitted, counts):
+    with pytest.raises(ValueError, match="features"):
+        fitted.transform(counts[:, :10])
+    with pytest.raises(NotFittedError):
+        SparseFactorAnalysis(2).transform(counts)
+    with pytest.raises(ValueError, match="Z must have shape"):
+        fitted.inverse_transform(np.ones((3, 5)))

@@ -1,0 +1,113 @@
+"""Analytic KLs and moments against Monte Carlo (float64)."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from spfa.likelihoods import Poisson
+from spfa.model import SparseFactorModel
+from spfa.priors import NormalEffect, PointNormal, normal_kl, point_normal_kl
+
+CASES = [
+    # alpha-logit, mu, log nu, prior logit, prior log tau
+    (2.0, 0.7, 1.0, -1.0, 0.5),
+    (-3.0, -2.0, -0.5, 2.0, -1.0),
+    (0.0, 0.0, 3.0, 0.0, 0.0),
+    (5.0, 1.5, 2.0, -4.0, 1.5),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_point_normal_kl_against_monte_carlo(case):
+    z, mu, log_nu, w, log_tau = case
+    t = lambda v: torch.tensor([[v]], dtype=torch.float64)  # noqa: E731
+    kl = point_normal_kl(
+        t(z), t(mu), t(log_nu), torch.tensor([w]).double(), torch.tensor([log_tau]).double()
+    ).item()
+    # KL = E_q[log dq/dp] with densities w.r.t. delta_0 + Lebesgue
+    rng = np.random.default_rng(1)
+    m = 400_000
+    alpha, pi = 1 / (1 + np.exp(-z)), 1 / (1 + np.exp(-w))
+    sd_q, sd_p = np.exp(-0.5 * log_nu), np.exp(-0.5 * log_tau)
+    slab = rng.uniform(size=m) < alpha
+    v = rng.normal(mu, sd_q, size=m)
+    log_ratio = np.where(
+        slab,
+        np.log(alpha) + stats.norm.logpdf(v, mu, sd_q) - np.log(pi) - stats.norm.logpdf(v, 0, sd_p),
+        np.log1p(-alpha) - np.log1p(-pi),
+    )
+    se = log_ratio.std() / np.sqrt(m)
+    assert abs(log_ratio.mean() - kl) < 4 * se + 1e-12
+
+
+def test_point_normal_kl_is_finite_at_extreme_logits():
+    for z in [-200.0, 200.0]:
+        t = torch.tensor([[z]], requires_grad=True)
+        kl = point_normal_kl(t, torch.ones(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.zeros(1))
+        kl.sum().backward()
+        assert torch.isfinite(kl).all() and torch.isfinite(t.grad).all()
+
+
+def test_normal_kl_against_torch():
+    m, lv = torch.tensor([0.3, -2.0]), torch.tensor([0.1, -3.0])
+    pm, plp = torch.tensor(0.5), torch.tensor(1.2)
+    want = torch.distributions.kl_divergence(
+        torch.distributions.Normal(m, torch.exp(0.5 * lv)),
+        torch.distributions.Normal(pm, torch.exp(-0.5 * plp)),
+    )
+    torch.testing.assert_close(normal_kl(m, lv, pm, plp), want)
+
+
+def _random_point_normal(m, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    pn = PointNormal(m, k).double()
+    with torch.no_grad():
+        for p in pn.variational_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    return pn
+
+
+def _sample(pn, n_draws, gen):
+    alpha = pn.pip.detach()
+    slab = torch.rand((n_draws,) + alpha.shape, generator=gen, dtype=torch.float64) < alpha
+    sd = torch.exp(-0.5 * pn.log_prec.detach())
+    v = pn.mean.detach() + sd * torch.randn(slab.shape, generator=gen, dtype=torch.float64)
+    return torch.where(slab, v, torch.zeros_like(v))
+
+
+def test_point_normal_moments_against_monte_carlo():
+    pn = _random_point_normal(4, 3, 0)
+    draws = _sample(pn, 400_000, torch.Generator().manual_seed(1))
+    mean, var = pn.moments()
+    torch.testing.assert_close(draws.mean(0), mean.detach(), atol=0.01, rtol=0.01)
+    torch.testing.assert_close(draws.var(0), var.detach(), atol=0.02, rtol=0.02)
+
+
+def test_eta_moments_against_monte_carlo():
+    """E[eta] and V[eta] of eta = L F^T + b under the factorised q."""
+    n, p, k = 3, 4, 2
+    lik = Poisson()
+    model = SparseFactorModel(n, p, k, lik, fit_intercept=True).double()
+    model.loadings = _random_point_normal(n, k, 2)
+    model.factors = _random_point_normal(p, k, 3)
+    with torch.no_grad():
+        model.intercept.mean.copy_(torch.linspace(-1, 1, p))
+        model.intercept.log_var.fill_(-1.0)
+    gen = torch.Generator().manual_seed(4)
+    d = 200_000
+    L, F = _sample(model.loadings, d, gen), _sample(model.factors, d, gen)
+    b = model.intercept.mean.detach() + torch.exp(
+        0.5 * model.intercept.log_var.detach()
+    ) * torch.randn(d, 1, p, generator=gen, dtype=torch.float64)
+    eta = L @ F.transpose(1, 2) + b
+    mean, var = model.eta_moments()
+    torch.testing.assert_close(eta.mean(0), mean.detach(), atol=0.03, rtol=0.02)
+    torch.testing.assert_close(eta.var(0), var.detach(), atol=0.05, rtol=0.03)
+
+
+def test_normal_effect_moments():
+    ne = NormalEffect(3)
+    with torch.no_grad():
+        ne.log_var.fill_(np.log(0.25))
+    assert torch.allclose(ne.moments().var, torch.full((3,), 0.25))
