@@ -72,7 +72,8 @@ def check_counts_data(estimator, X, *, reset: bool, count: bool):
     if count and observed.size:
         if observed.min() < 0:
             raise ValueError(
-                "X has negative values; count likelihoods need non-negative integer counts"
+                "Negative values in data passed to a count likelihood: X has negative "
+                "values; counts must be non-negative integers"
             )
         if not np.all(observed == np.round(observed)):
             raise ValueError(
