@@ -36,8 +36,14 @@ def count_peers(x, truth, s=None):
     null = x.sum(0, keepdims=True) / (np.ones((x.shape[0], 1)) * scale).sum(0) * scale
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        nmf = NMF(3, beta_loss="kullback-leibler", solver="mu", init="nndsvda",
-                  max_iter=1000, random_state=0)
+        nmf = NMF(
+            3,
+            beta_loss="kullback-leibler",
+            solver="mu",
+            init="nndsvda",
+            max_iter=1000,
+            random_state=0,
+        )
         w = nmf.fit_transform(x)
     return {"null": rel_error(null, truth), "nmf_kl": rel_error(w @ nmf.components_, truth)}
 
