@@ -412,7 +412,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
 
         ``q(L)`` of the rows of ``X`` is fitted as in :meth:`transform`; the ELBO
         counts their expected log-likelihood, their loadings' KL and the
-        factors' KL, estimated with a fixed-seed {n} draws.
+        factors' KL, estimated with 32 fixed-seed Monte Carlo draws
+        (``N_SCORE_SAMPLES``).
         """
         model, (xt, maskt, log_s, n_obs), _ = self._fit_loadings(X, size_factors)
         gen = self._generator(0)
@@ -430,7 +431,3 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             pass
         return tags
 
-
-SparseFactorAnalysis.score.__doc__ = SparseFactorAnalysis.score.__doc__.replace(
-    "{n}", str(N_SCORE_SAMPLES)
-)
