@@ -359,8 +359,10 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         z = (y - mu0) / slope
         if mask is not None:
             z = z * mask
-        w = slope**2 / np.maximum(lik.variance_function(np.maximum(np.abs(mu0), 1e-12)), 1e-300)
-        if not lik.is_count:
+        if lik.is_count:
+            var = lik.variance_function(np.maximum(np.abs(mu0), 1e-12))
+            w = slope**2 / np.maximum(var, 1e-300)
+        else:
             w = 1.0 / self.noise_variance_
         tau = np.exp(self._state["loadings.prior_log_prec"].double().numpy())
         gram = (mf * w[:, None]).T @ mf + np.diag(tau)
@@ -430,4 +432,3 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         except ValueError:
             pass
         return tags
-

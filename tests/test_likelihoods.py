@@ -66,7 +66,7 @@ def test_poisson_softplus_against_scipy(dtype):
 def test_poisson_exp_against_scipy():
     lik = Poisson("exp")
     eta = np.array([-80.0, -3, 0, 2, 7, 80])
-    x = np.array([0, 1, 3, 10, 100, 1e30 // 1e30])
+    x = np.array([0, 1, 3, 10, 100, 1.0])
     got = lik.log_prob(torch.tensor(x), torch.tensor(eta), None).numpy()
     np.testing.assert_allclose(got, st.poisson.logpmf(x, np.exp(eta)), rtol=1e-10)
 
