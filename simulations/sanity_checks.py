@@ -1,23 +1,33 @@
-"""Reproduce the seed notebook's sanity checks with spfa and print figures of merit.
+"""Reproduce the seed notebook's sanity checks with spfa and measure what it recovers.
 
-Design (the notebook's): n=100, p=500, k=3, pi0 = [0.1, 0.9, 0.99], slab sd =
-[0.5, 1, 2]; Gaussian ``x ~ N(L F^T, 1)`` and Poisson ``x ~ Poisson(softplus(L F^T))``.
-For each replicate, spfa is fitted from its own initialisation with default
-settings and ``n_components=3``, and compared with the peers fitted to the same
-data: truncated SVD and FactorAnalysis (Gaussian); the per-feature mean (null
-model) and NMF with KL loss (Poisson). The figure of merit is the relative error
-``||M_hat - M||_F / ||M||_F`` of E[L F^T] (Gaussian) or of the fitted mean
-(Poisson) against the truth. Finally the notebook's own code (4000 RMSprop
-epochs, started at the truth as the notebook did) is timed on the Poisson
-design next to spfa, in the same run.
+Designs (n=100, p=500, k=3, pi0 = [0.1, 0.9, 0.99] zero probabilities, slab sd =
+[0.5, 1, 2]): the notebook's Gaussian ``x ~ N(L F^T, 1)`` and Poisson
+``x ~ Poisson(softplus(L F^T))``, plus a negative binomial variant (r = 5) and
+a Poisson variant with log-normal per-cell size factors. For each replicate,
+spfa is fitted twice with ``n_components=3`` and default settings: from its own
+initialisation, and from the truth (as the notebook did). Reported over
+replicates:
 
-Every spfa fit writes a TensorBoard run under ``<out>/tensorboard``:
+- relative error ``||M_hat - M||_F / ||M||_F`` of E[L F^T] (Gaussian) or of the
+  fitted mean (counts) against the truth;
+- per-factor recovery after matching factors (``|cos|`` of the rank-one terms,
+  and the correlation of matched columns, sign-invariant);
+- support recovery of L and F from the PIPs (AUROC, average precision), pooled
+  over replicates, next to ``|estimate|`` of a truncated SVD (Gaussian) / PCA
+  of ``x / s`` (counts) of the same data;
+- PIP calibration (PIPs binned, against the fraction truly non-zero);
+- the learned prior per factor (inclusion probability ``1 - pi0`` and slab sd)
+  against the truth; the wall time.
 
-    tensorboard --logdir runs/sanity/tensorboard
+Every spfa fit writes a TensorBoard run under ``<out>/tensorboard``. The run
+writes ``<out>/results.json``, ``<out>/pooled.npz`` (pooled PIPs and truth) and
+``<out>/example_<design>.npz`` (the first replicate's estimates and ELBO trace),
+which ``simulations/figures.py`` draws. Finally the notebook's own code (4000
+RMSprop epochs, started at the truth) is timed next to spfa on the Poisson design.
 
 Usage::
 
-    python simulations/sanity_checks.py [--seed 1] [--n-reps 3] [--out runs/sanity]
+    python simulations/sanity_checks.py [--seed 1] [--n-reps 10] [--out runs/sanity]
 """
 
 from __future__ import annotations
@@ -26,60 +36,60 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.decomposition import NMF, FactorAnalysis, TruncatedSVD
-from sklearn.exceptions import ConvergenceWarning
 
-from spfa import SparseFactorAnalysis
-from spfa.simulate import simulate
+from spfa.evaluation import calibration, match_factors, relative_error, support_recovery
+from spfa.simulate import SANITY_PI0, SANITY_SLAB_SD, simulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from notebook import NotebookModel  # noqa: E402
+from peers import fit_spfa, fit_svd  # noqa: E402
+
+#: design name -> simulate() arguments
+DESIGNS = {
+    "gaussian": dict(likelihood="gaussian"),
+    "poisson": dict(likelihood="poisson"),
+    "negative_binomial": dict(likelihood="negative_binomial", inverse_dispersion=5.0),
+    "poisson_size_factors": dict(likelihood="poisson", size_factors="random"),
+}
+K = 3
 
 
-def rel_error(estimate, truth):
-    return float(np.linalg.norm(estimate - truth) / np.linalg.norm(truth))
-
-
-def peers(likelihood, x, truth):
-    if likelihood == "gaussian":
-        svd = TruncatedSVD(3, random_state=0).fit(x)
-        fa = FactorAnalysis(3, random_state=0).fit(x)
-        return {
-            "truncated_svd": rel_error(svd.transform(x) @ svd.components_, truth),
-            "factor_analysis": rel_error(fa.transform(x) @ fa.components_ + fa.mean_, truth),
-        }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        nmf = NMF(
-            3,
-            beta_loss="kullback-leibler",
-            solver="mu",
-            init="nndsvda",
-            max_iter=1000,
-            random_state=0,
-        )
-        w = nmf.fit_transform(x)
-    null = np.broadcast_to(x.mean(0), x.shape)
-    return {"null_mean": rel_error(null, truth), "nmf_kl": rel_error(w @ nmf.components_, truth)}
-
-
-def run_spfa(likelihood, sim, seed, log_dir):
-    t0 = time.perf_counter()
-    est = SparseFactorAnalysis(3, likelihood=likelihood, random_state=seed, log_dir=log_dir)
-    est.fit(sim.x)
-    seconds = time.perf_counter() - t0
-    return est, seconds, rel_error(est.inverse_transform(est.loadings_), sim.mean)
+def evaluate(fit, sim) -> tuple[dict, object]:
+    """Figures of merit of one fit against the planted truth."""
+    match = match_factors(fit.loadings, fit.factors, sim.loadings, sim.factors)
+    out = {
+        "error": relative_error(fit.mean, sim.mean),
+        "seconds": fit.seconds,
+        "similarity": match.similarity.tolist(),
+        "loadings_corr": match.loadings_corr.tolist(),
+        "factors_corr": match.factors_corr.tolist(),
+    }
+    for side, score, truth in (
+        ("loadings", fit.loadings_score, sim.loadings),
+        ("factors", fit.factors_score, sim.factors),
+    ):
+        sr = support_recovery(match.reorder(score), truth)
+        out[f"{side}_auroc"] = sr["auroc"]
+        out[f"{side}_ap"] = sr["average_precision"]
+    est = fit.estimator
+    if est is not None:
+        for side in ("loadings", "factors"):
+            out[f"{side}_prior_pi"] = match.reorder(getattr(est, f"{side}_prior_pi_")).tolist()
+            out[f"{side}_prior_scale"] = match.reorder(
+                getattr(est, f"{side}_prior_scale_")
+            ).tolist()
+        out["n_iter"] = int(est.n_iter_)
+    return out, match
 
 
 def run_notebook(sim, seed, epochs):
     torch.manual_seed(seed)
     n, p = sim.x.shape
-    model = NotebookModel(n, p, 3, poisson=True)
+    model = NotebookModel(n, p, K, poisson=True)
     init = (
         torch.tensor(sim.loadings, dtype=torch.float32),
         torch.tensor(sim.factors, dtype=torch.float32),
@@ -91,15 +101,100 @@ def run_notebook(sim, seed, epochs):
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         eta = (model.l()[0] @ model.f()[0].T).numpy()
-    eta_err = rel_error(eta, sim.loadings @ sim.factors.T)
-    return seconds, rel_error(model.fitted_mean().numpy(), sim.mean), eta_err
+    eta_err = relative_error(eta, sim.loadings @ sim.factors.T)
+    return seconds, relative_error(model.fitted_mean().numpy(), sim.mean), eta_err
+
+
+def _pool(pooled, key, value):
+    pooled.setdefault(key, []).append(np.ravel(value))
+
+
+def _summarise(rows, pooled, designs):
+    summary = {}
+    for design in designs:
+        entry = {}
+        for start in ("own", "truth", "svd"):
+            rs = [r for r in rows if r["design"] == design and r["start"] == start]
+            if not rs:
+                continue
+            entry[start] = {
+                "error": float(np.mean([r["error"] for r in rs])),
+                "seconds": float(np.mean([r["seconds"] for r in rs])),
+                "similarity": np.mean([r["similarity"] for r in rs], axis=0).tolist(),
+                "loadings_corr": np.mean([r["loadings_corr"] for r in rs], axis=0).tolist(),
+                "factors_corr": np.mean([r["factors_corr"] for r in rs], axis=0).tolist(),
+            }
+            for side in ("loadings", "factors"):
+                truth = np.concatenate(pooled[f"{design}/planted_{side}"])
+                score = np.concatenate(pooled[f"{design}/{start}_{side}"])
+                sr = support_recovery(score, truth)
+                entry[start][f"{side}_auroc"] = sr["auroc"]
+                entry[start][f"{side}_ap"] = sr["average_precision"]
+                if start != "svd":
+                    for what in ("prior_pi", "prior_scale"):
+                        entry[start][f"{side}_{what}"] = np.mean(
+                            [r[f"{side}_{what}"] for r in rs], axis=0
+                        ).tolist()
+            if start != "svd":
+                truth = np.concatenate(
+                    [
+                        np.concatenate(pooled[f"{design}/planted_{s}"])
+                        for s in ("loadings", "factors")
+                    ]
+                )
+                pip = np.concatenate(
+                    [
+                        np.concatenate(pooled[f"{design}/{start}_{s}"])
+                        for s in ("loadings", "factors")
+                    ]
+                )
+                cal = calibration(pip, truth)
+                entry[start]["calibration"] = cal.as_dict()
+                entry[start]["calibration_max_gap"] = cal.max_gap(50)
+        summary[design] = entry
+    return summary
+
+
+def _print_summary(summary, n_reps):
+    print(f"\n== summary over {n_reps} replicates (support: pooled over replicates) ==")
+    head = (
+        f"{'design':<21} {'start':<6} {'error':>6} {'AP(L)':>6} {'AP(F)':>6} "
+        f"{'AUC(L)':>6} {'AUC(F)':>6} {'calib':>6} {'sec':>6}  |cos| per factor"
+    )
+    print(head)
+    for design, entry in summary.items():
+        for start, e in entry.items():
+            err = f"{e['error']:.3f}"
+            gap = e.get("calibration_max_gap", float("nan"))
+            print(
+                f"{design:<21} {start:<6} {err:>6} {e['loadings_ap']:6.3f} {e['factors_ap']:6.3f} "
+                f"{e['loadings_auroc']:6.3f} {e['factors_auroc']:6.3f} {gap:6.3f} "
+                f"{e['seconds']:6.2f}  {np.round(e['similarity'], 2)}"
+            )
+    print("(calib: largest |fraction non-zero - mean PIP| over PIP bins holding >= 50 entries)")
+    print("\n== learned prior (mean over replicates, true-factor order) ==")
+    print(f"true inclusion 1 - pi0 = {np.round(1 - np.array(SANITY_PI0), 2)}, ", end="")
+    print(
+        f"slab sd = {np.array(SANITY_SLAB_SD)} on both sides (product {np.square(SANITY_SLAB_SD)})"
+    )
+    for design, entry in summary.items():
+        e = entry["own"]
+        scale = np.multiply(e["loadings_prior_scale"], e["factors_prior_scale"])
+        print(
+            f"{design:<21} pi_L {np.round(e['loadings_prior_pi'], 2)} "
+            f"pi_F {np.round(e['factors_prior_pi'], 2)} "
+            f"sd_L*sd_F {np.round(scale, 2)}"
+        )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=1, help="first replicate's seed")
-    parser.add_argument("--n-reps", type=int, default=3, help="replicates per design")
+    parser.add_argument("--n-reps", type=int, default=10, help="replicates per design")
     parser.add_argument("--out", default="runs/sanity", help="output folder")
+    parser.add_argument(
+        "--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS), help="designs to run"
+    )
     parser.add_argument(
         "--notebook-epochs",
         type=int,
@@ -110,60 +205,73 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    rows = []
-    for likelihood in ("gaussian", "poisson"):
-        print(f"\n== {likelihood} design (n=100, p=500, k=3) ==")
-        print(f"{'seed':>5} {'spfa':>7} {'peers':<44} {'iters':>6} {'sec':>6}  pi_L / pi_F")
+    rows, pooled = [], {}
+    for design in args.designs:
+        spec = DESIGNS[design]
+        lik = spec["likelihood"]
+        print(f"\n== {design} (n=100, p=500, k=3) ==")
+        print(f"{'seed':>5} {'start':<6} {'error':>6} {'AP(L)':>6} {'AP(F)':>6} {'sec':>6}  |cos|")
         for seed in range(args.seed, args.seed + args.n_reps):
-            sim = simulate(likelihood, seed=seed)
-            log_dir = out / "tensorboard" / f"{likelihood}-seed{seed}"
-            est, seconds, err = run_spfa(likelihood, sim, seed, log_dir)
-            peer = peers(likelihood, sim.x, sim.mean)
-            peer_txt = " ".join(f"{k}={v:.3f}" for k, v in peer.items())
-            print(
-                f"{seed:>5} {err:7.3f} {peer_txt:<44} {est.n_iter_:>6} {seconds:6.2f}  "
-                f"{np.round(est.loadings_prior_pi_, 2)} / {np.round(est.factors_prior_pi_, 2)}"
-            )
-            rows.append(
-                dict(
-                    likelihood=likelihood,
-                    seed=seed,
-                    spfa=err,
-                    seconds=seconds,
-                    n_iter=est.n_iter_,
-                    **peer,
+            sim = simulate(seed=seed, **spec)
+            _pool(pooled, f"{design}/planted_loadings", sim.loadings)
+            _pool(pooled, f"{design}/planted_factors", sim.factors)
+            fits = {
+                "own": fit_spfa(
+                    sim.x,
+                    K,
+                    lik,
+                    sim.size_factors,
+                    seed,
+                    log_dir=out / "tensorboard" / f"{design}-seed{seed}",
+                ),
+                "truth": fit_spfa(
+                    sim.x, K, lik, sim.size_factors, seed, init=(sim.loadings, sim.factors)
+                ),
+                "svd": fit_svd(sim.x, K, lik, sim.size_factors, seed),
+            }
+            for start, fit in fits.items():
+                metrics, match = evaluate(fit, sim)
+                _pool(pooled, f"{design}/{start}_loadings", match.reorder(fit.loadings_score))
+                _pool(pooled, f"{design}/{start}_factors", match.reorder(fit.factors_score))
+                rows.append(dict(design=design, seed=seed, start=start, **metrics))
+                print(
+                    f"{seed:>5} {start:<6} {metrics['error']:6.3f} {metrics['loadings_ap']:6.3f} "
+                    f"{metrics['factors_ap']:6.3f} {fit.seconds:6.2f}  "
+                    f"{np.round(metrics['similarity'], 2)}"
                 )
-            )
+                if start == "own" and seed == args.seed:
+                    est = fit.estimator
+                    np.savez_compressed(
+                        out / f"example_{design}.npz",
+                        true_loadings=sim.loadings,
+                        true_factors=sim.factors,
+                        loadings=match.align(fit.loadings),
+                        factors=match.align(fit.factors),
+                        loadings_pip=match.reorder(est.loadings_pip_),
+                        factors_pip=match.reorder(est.factors_pip_),
+                        **{f"history_{k}": np.asarray(est.history_[k]) for k in est.history_},
+                    )
 
-    print("\n== summary: mean relative error over replicates (lower is better) ==")
-    summary = {}
-    for likelihood in ("gaussian", "poisson"):
-        rs = [r for r in rows if r["likelihood"] == likelihood]
-        keys = [k for k in rs[0] if k not in ("likelihood", "seed", "seconds", "n_iter")]
-        means = {k: float(np.mean([r[k] for r in rs])) for k in keys}
-        best_peer = min(v for k, v in means.items() if k != "spfa")
-        summary[likelihood] = dict(means, spfa_over_best_peer=means["spfa"] / best_peer)
-        print(
-            f"{likelihood:>9}: "
-            + "  ".join(f"{k}={v:.3f}" for k, v in means.items())
-            + f"  | spfa / best peer = {means['spfa'] / best_peer:.2f}"
-        )
+    summary = _summarise(rows, pooled, args.designs)
+    _print_summary(summary, args.n_reps)
 
     if args.notebook_epochs > 0:
         sim = simulate("poisson", seed=args.seed)
         nb_sec, nb_err, nb_eta = run_notebook(sim, args.seed, args.notebook_epochs)
-        est, sp_sec, sp_err = run_spfa("poisson", sim, args.seed, None)
-        sp_eta = rel_error(
+        fit = fit_spfa(sim.x, K, "poisson", None, args.seed)
+        est = fit.estimator
+        sp_eta = relative_error(
             est.loadings_ @ est.components_ + est.intercept_, sim.loadings @ sim.factors.T
         )
+        sp_err = relative_error(fit.mean, sim.mean)
         summary["notebook_timing"] = dict(
             notebook_seconds=nb_sec,
             notebook_error=nb_err,
             notebook_eta_error=nb_eta,
-            spfa_seconds=sp_sec,
+            spfa_seconds=fit.seconds,
             spfa_error=sp_err,
             spfa_eta_error=sp_eta,
-            time_ratio=sp_sec / nb_sec,
+            time_ratio=fit.seconds / nb_sec,
         )
         print(f"\n== the notebook's own code, Poisson design, seed {args.seed} ==")
         print(
@@ -171,13 +279,18 @@ def main(argv=None):
             f"{nb_sec:.2f} s, relative error of the mean {nb_err:.3f}, of L F^T {nb_eta:.3f}"
         )
         print(
-            f"spfa (own initialisation, defaults): {sp_sec:.2f} s, "
+            f"spfa (own initialisation, defaults): {fit.seconds:.2f} s, "
             f"relative error of the mean {sp_err:.3f}, of L F^T {sp_eta:.3f}"
         )
-        print(f"time ratio spfa / notebook = {sp_sec / nb_sec:.2f}")
+        print(f"time ratio spfa / notebook = {fit.seconds / nb_sec:.2f}")
 
-    (out / "results.json").write_text(json.dumps(dict(rows=rows, summary=summary), indent=2))
-    print(f"\nwrote {out / 'results.json'} and TensorBoard runs in {out / 'tensorboard'}")
+    np.savez_compressed(
+        out / "pooled.npz", **{k.replace("/", "__"): np.concatenate(v) for k, v in pooled.items()}
+    )
+    (out / "results.json").write_text(
+        json.dumps(dict(args=vars(args), rows=rows, summary=summary), indent=1)
+    )
+    print(f"\nwrote {out}/results.json, pooled.npz, example_*.npz, tensorboard/")
     return summary
 
 

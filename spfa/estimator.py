@@ -32,6 +32,8 @@ __all__ = ["SparseFactorAnalysis"]
 
 #: Monte Carlo draws used by ``score`` (a fixed-seed, low-noise evaluation)
 N_SCORE_SAMPLES = 32
+#: most sampled linear-predictor entries (draws x n x p) per pruning evaluation
+PRUNE_BUDGET = 2**25
 
 
 class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -94,6 +96,10 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         Learned prior inclusion probability per factor.
     loadings_prior_scale_, factors_prior_scale_ : ndarray of shape (n_components,)
         Learned prior slab standard deviation per factor.
+    active_components_ : ndarray of bool, shape (n_components,)
+        False for a factor pruned after training: removing it did not lower
+        the ELBO, so empirical Bayes set its ``pi`` to 0 (its loadings,
+        factors, PIPs and prior ``pi`` are reported as exactly 0).
     noise_variance_ : ndarray of shape (n_features,)
         Gaussian likelihood only.
     dispersion_, inverse_dispersion_ : ndarray of shape (n_features,)
@@ -195,6 +201,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         state = {k: torch.as_tensor(v) for k, v in self._global_state().items()}
         state["loadings.prior_logit"] = torch.as_tensor(self._state["loadings.prior_logit"])
         state["loadings.prior_log_prec"] = torch.as_tensor(self._state["loadings.prior_log_prec"])
+        state["loadings.active"] = torch.as_tensor(self._state["loadings.active"])
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and set(missing) <= {
             "loadings.logits",
@@ -204,7 +211,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         return model.to(self.device_)
 
     # ---------------------------------------------------------------------- fit
-    def fit(self, X, y=None, *, size_factors=None):
+    def fit(self, X, y=None, *, size_factors=None, init_loadings=None, init_factors=None):
         """Fit the model to ``X``.
 
         Parameters
@@ -215,20 +222,42 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         y : Ignored
         size_factors : array-like of shape (n_samples,), default=None
             Positive per-sample scale of the mean (count likelihoods); None means 1.
+        init_loadings : array-like of shape (n_samples, n_components), default=None
+        init_factors : array-like of shape (n_features, n_components), default=None
+            Starting posterior means of ``L`` and ``F`` in place of spfa's own
+            (a weighted SVD); give both or neither. Simulations use them to
+            start at the truth.
 
         Returns
         -------
         self
         """
-        self._fit(X, size_factors)
+        self._fit(X, size_factors, init_loadings, init_factors)
         return self
 
-    def fit_transform(self, X, y=None, *, size_factors=None):
+    def fit_transform(self, X, y=None, *, size_factors=None, init_loadings=None, init_factors=None):
         """Fit, then return the posterior mean loadings ``E[L]`` of ``X``, ``(n, k)``."""
-        self._fit(X, size_factors)
+        self._fit(X, size_factors, init_loadings, init_factors)
         return self.loadings_.copy()
 
-    def _fit(self, X, size_factors):
+    def _check_start(self, init_loadings, init_factors, n, p):
+        if init_loadings is None and init_factors is None:
+            return None
+        if init_loadings is None or init_factors is None:
+            raise ValueError("init_loadings and init_factors must be given together")
+        k = self.n_components
+        out = []
+        given = (("init_loadings", init_loadings, n), ("init_factors", init_factors, p))
+        for name, a, rows in given:
+            a = np.asarray(a, dtype=np.float64)
+            if a.shape != (rows, k):
+                raise ValueError(f"{name} must have shape ({rows}, {k}), got {a.shape}")
+            if not np.all(np.isfinite(a)):
+                raise ValueError(f"{name} contains NaN or infinity")
+            out.append(a)
+        return tuple(out)
+
+    def _fit(self, X, size_factors, init_loadings=None, init_factors=None):
         likelihood, device = self._check_params()
         x, mask, s = self._data(X, size_factors, reset=True, likelihood=likelihood)
         n, p = x.shape
@@ -238,9 +267,10 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                 f"n_components={k} is larger than the data allow: "
                 f"min(n_samples, n_features) = {min(n, p)}"
             )
+        start = self._check_start(init_loadings, init_factors, n, p)
         self.device_ = device
         rng = check_random_state(self.random_state)
-        init = initialize(x, mask, s, k, likelihood, self.fit_intercept, rng)
+        init = initialize(x, mask, s, k, likelihood, self.fit_intercept, rng, start=start)
 
         model = SparseFactorModel(n, p, k, likelihood, fit_intercept=self.fit_intercept)
         with torch.no_grad():
@@ -274,6 +304,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         finally:
             monitor.close()
 
+        self._prune(model, xt, maskt, log_s)
         self._store(model, result, monitor)
         self.elbo_ = (
             float(np.mean(result.history["elbo"][-50:])) if result.history["elbo"] else float("nan")
@@ -286,6 +317,38 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                 stacklevel=3,
             )
         return self
+
+    def _prune(self, model: SparseFactorModel, xt, maskt, log_s) -> None:
+        """Switch off each factor whose removal does not lower the ELBO.
+
+        A factor the data do not support ends training with a posterior close
+        to its prior and a tiny slab scale; its ``pi`` is then not identified
+        and its PIPs are meaningless. Empirical Bayes takes the boundary
+        ``pi = 0`` wherever the ELBO there is at least as high. Factors are
+        tried from the smallest ``||E[l_k]|| ||E[f_k]||`` up; the ELBO is
+        evaluated with common random numbers, so the comparison is paired.
+        """
+        n_samples = max(1, min(N_SCORE_SAMPLES, PRUNE_BUDGET // xt.numel()))
+
+        def elbo():
+            terms = model.elbo_terms(xt, maskt, log_s, n_samples, self._generator(0))
+            return float(terms.elbo)
+
+        sides = (model.loadings, model.factors)
+        with torch.no_grad():
+            size = model.loadings.moments().mean.norm(dim=0) * model.factors.moments().mean.norm(
+                dim=0
+            )
+            best = elbo()
+            for k in torch.argsort(size).tolist():
+                for side in sides:
+                    side.active[k] = 0.0
+                trial = elbo()
+                if np.isfinite(trial) and trial >= best:
+                    best = trial
+                else:
+                    for side in sides:
+                        side.active[k] = 1.0
 
     def _store(self, model: SparseFactorModel, result, monitor: Monitor) -> None:
         self._state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -304,6 +367,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             setattr(self, key + "_", value)
         for key, value in model.likelihood.fitted_attributes().items():
             setattr(self, key, value)
+        self.active_components_ = model.factors.active.cpu().numpy() > 0
         self.n_iter_ = result.n_iter
         self.history_ = dict(result.history)
         self.history_.update(monitor.prior_history)

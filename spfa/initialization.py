@@ -60,6 +60,7 @@ def initialize(
     likelihood: Likelihood,
     fit_intercept: bool,
     random_state: np.random.RandomState,
+    start: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Initialization:
     """Starting values for the model and the likelihood's nuisance parameters.
 
@@ -76,6 +77,10 @@ def initialize(
     fit_intercept : bool
     random_state : RandomState
         Used by the randomised SVD on large inputs.
+    start : (ndarray of shape (n, k), ndarray of shape (p, k)), optional
+        Given starting means of ``L`` and ``F`` (e.g. the truth, in a
+        simulation), used in place of the SVD; the intercept then starts at
+        the linearised fit of what ``L F^T`` leaves.
     """
     n, p = x.shape
     link = likelihood.link
@@ -108,13 +113,22 @@ def initialize(
     z = obs * (y - mu0) / slope
     y_w = z * np.sqrt(w)
     k = n_components
-    if min(n, p) <= 500:
-        u, sv, vt = np.linalg.svd(y_w, full_matrices=False)
-        u, sv, vt = u[:, :k], sv[:k], vt[:k]
+    if start is not None:
+        l0, f0 = (np.asarray(a, dtype=float) for a in start)
+        if fit_intercept:
+            # the intercept absorbs the mean of the working residual that L F^T leaves
+            eta0 = eta0 + (obs * (z - l0 @ f0.T)).sum(0) / n_obs
+            mu0 = link(torch.as_tensor(eta0, dtype=torch.float64)).numpy()
+            slope = link.derivative(eta0)
+            z = obs * (y - mu0) / slope
     else:
-        u, sv, vt = randomized_svd(y_w, k, random_state=random_state)
-    l0 = u * np.sqrt(sv)
-    f0 = (vt.T * np.sqrt(sv)) / np.sqrt(w)[:, None]
+        if min(n, p) <= 500:
+            u, sv, vt = np.linalg.svd(y_w, full_matrices=False)
+            u, sv, vt = u[:, :k], sv[:k], vt[:k]
+        else:
+            u, sv, vt = randomized_svd(y_w, k, random_state=random_state)
+        l0 = u * np.sqrt(sv)
+        f0 = (vt.T * np.sqrt(sv)) / np.sqrt(w)[:, None]
 
     # residual variance on the data scale, for the Gaussian noise and NB dispersion
     resid = obs * (z - l0 @ f0.T) * slope

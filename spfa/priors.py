@@ -70,6 +70,10 @@ def point_normal_kl(
 class PointNormal(torch.nn.Module):
     """Point-normal variational posterior on an ``m x k`` matrix, with its prior.
 
+    A factor can be switched off (``active[k] = 0``): that is the boundary
+    ``pi_k = 0`` of the prior, where ``q`` is the point mass at zero, so the
+    factor's entries have mean, variance, PIP and KL exactly zero.
+
     Parameters
     ----------
     m, k : int
@@ -83,6 +87,7 @@ class PointNormal(torch.nn.Module):
         self.log_prec = torch.nn.Parameter(torch.zeros(m, k))
         self.prior_logit = torch.nn.Parameter(torch.zeros(k))
         self.prior_log_prec = torch.nn.Parameter(torch.zeros(k))
+        self.register_buffer("active", torch.ones(k))
 
     def variational_parameters(self) -> list[torch.nn.Parameter]:
         return [self.logits, self.mean, self.log_prec]
@@ -92,13 +97,13 @@ class PointNormal(torch.nn.Module):
 
     @property
     def pip(self) -> torch.Tensor:
-        """Posterior inclusion probabilities ``alpha``, ``[m, k]``."""
-        return torch.sigmoid(self.logits)
+        """Posterior inclusion probabilities ``alpha``, ``[m, k]`` (0 for a switched-off factor)."""
+        return torch.sigmoid(self.logits) * self.active
 
     @property
     def prior_pi(self) -> torch.Tensor:
-        """Prior inclusion probability per factor, ``[k]``."""
-        return torch.sigmoid(self.prior_logit)
+        """Prior inclusion probability per factor, ``[k]`` (0 for a switched-off factor)."""
+        return torch.sigmoid(self.prior_logit) * self.active
 
     @property
     def prior_scale(self) -> torch.Tensor:
@@ -115,9 +120,10 @@ class PointNormal(torch.nn.Module):
 
     def kl(self) -> torch.Tensor:
         """``sum KL(q || p)`` over all entries (scalar)."""
-        return point_normal_kl(
+        kl = point_normal_kl(
             self.logits, self.mean, self.log_prec, self.prior_logit, self.prior_log_prec
-        ).sum()
+        )
+        return (kl * self.active).sum()
 
     def set_prior_trainable(self, trainable: bool) -> None:
         for p in self.prior_parameters():

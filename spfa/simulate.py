@@ -26,6 +26,7 @@ class Simulation:
     mean: np.ndarray  # (n, p) true E[x] (size factor included)
     size_factors: np.ndarray | None  # (n,)
     likelihood: str
+    intercept: np.ndarray | None = None  # (p,) true per-feature intercept of eta
 
 
 def simulate_point_normal(rng, m, pi0, slab_sd):
@@ -51,6 +52,7 @@ def simulate(
     slab_sd=SANITY_SLAB_SD,
     size_factors=None,
     inverse_dispersion=5.0,
+    intercept=None,
     seed=1,
 ) -> Simulation:
     """Simulate from the notebook's design (defaults) or a variant.
@@ -63,6 +65,9 @@ def simulate(
         ``"random"`` draws log-normal size factors (sd 0.5, median 1).
     inverse_dispersion : float
         NB ``r`` (variance ``mu + mu^2 / r``).
+    intercept : None, "random" or array of shape (p,)
+        Per-feature baseline added to ``eta = L F^T``; ``"random"`` draws
+        ``N(-1.5, 1)``, which with softplus gives sparse, single-cell-like counts.
     seed : int
         ``numpy.random.default_rng`` seed; ``seed=1`` with the defaults draws
         the notebook's own L and F.
@@ -71,8 +76,15 @@ def simulate(
     loadings = simulate_point_normal(rng, n, pi0, slab_sd)
     factors = simulate_point_normal(rng, p, pi0, slab_sd)
     eta = loadings @ factors.T
+    b = None
+    if isinstance(intercept, str) and intercept == "random":
+        b = rng.normal(loc=-1.5, size=p)
+    elif intercept is not None:
+        b = np.asarray(intercept, dtype=float)
+    if b is not None:
+        eta = eta + b
     if likelihood == "gaussian":
-        return Simulation(rng.normal(loc=eta), loadings, factors, eta, None, likelihood)
+        return Simulation(rng.normal(loc=eta), loadings, factors, eta, None, likelihood, b)
     s = None
     if isinstance(size_factors, str) and size_factors == "random":
         s = np.exp(rng.normal(scale=0.5, size=n))
@@ -86,4 +98,4 @@ def simulate(
         x = rng.poisson(rng.gamma(shape=r, scale=mean / r))
     else:
         raise ValueError(f"unknown likelihood {likelihood!r}")
-    return Simulation(x.astype(float), loadings, factors, mean, s, likelihood)
+    return Simulation(x.astype(float), loadings, factors, mean, s, likelihood, b)

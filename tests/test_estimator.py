@@ -284,3 +284,34 @@ def test_feature_mismatch_and_not_fitted(fitted, counts):
         SparseFactorAnalysis(2).transform(counts)
     with pytest.raises(ValueError, match="Z must have shape"):
         fitted.inverse_transform(np.ones((3, 5)))
+
+
+def test_start_from_given_loadings_and_factors():
+    sim = simulate("poisson", seed=4)
+    est = SparseFactorAnalysis(3, random_state=0, max_iter=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(sim.x, init_loadings=sim.loadings, init_factors=sim.factors)
+    assert np.all(np.isfinite(est.loadings_))
+    with pytest.raises(ValueError, match="together"):
+        est.fit(sim.x, init_loadings=sim.loadings)
+    with pytest.raises(ValueError, match=r"init_factors must have shape \(500, 3\)"):
+        est.fit(sim.x, init_loadings=sim.loadings, init_factors=sim.factors[:, :2])
+    bad = sim.loadings.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="init_loadings contains NaN"):
+        est.fit(sim.x, init_loadings=bad, init_factors=sim.factors)
+
+
+def test_pruned_factors_are_switched_off_and_reported():
+    """Planted rank 1, asked for 3: the two extra factors are pruned, exactly."""
+    sim = simulate("gaussian", n=100, p=300, pi0=(0.2,), slab_sd=(1.0,), seed=5)
+    est = SparseFactorAnalysis(3, likelihood="gaussian", random_state=0).fit(sim.x)
+    assert est.active_components_.sum() == 1
+    off = ~est.active_components_
+    for attr in ("loadings_pip_", "factors_pip_", "loadings_"):
+        assert np.all(getattr(est, attr)[:, off] == 0), attr
+    assert np.all(est.components_[off] == 0)
+    assert np.all(est.loadings_prior_pi_[off] == 0)
+    # new rows: the pruned factors stay off
+    assert np.all(est.transform(sim.x[:10])[:, off] == 0)

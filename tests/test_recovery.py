@@ -2,19 +2,18 @@
 (n=100, p=500, k=3, pi0 = [0.1, 0.9, 0.99], slab sd = [0.5, 1, 2]), from spfa's
 own initialisation, against the peers a user would otherwise pick."""
 
-import warnings
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.decomposition import NMF, FactorAnalysis, TruncatedSVD
-from sklearn.exceptions import ConvergenceWarning
 
 from spfa import SparseFactorAnalysis
+from spfa.evaluation import relative_error as rel_error
 from spfa.simulate import simulate
 
-
-def rel_error(estimate, truth):
-    return np.linalg.norm(estimate - truth) / np.linalg.norm(truth)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
+from peers import fit_fa, fit_nmf, fit_svd  # noqa: E402
 
 
 def spfa_mean(est):
@@ -23,29 +22,19 @@ def spfa_mean(est):
 
 
 def gaussian_peers(x, truth):
-    svd = TruncatedSVD(3, random_state=0).fit(x)
-    fa = FactorAnalysis(3, random_state=0).fit(x)
     return {
-        "svd": rel_error(svd.transform(x) @ svd.components_, truth),
-        "fa": rel_error(fa.transform(x) @ fa.components_ + fa.mean_, truth),
+        "svd": rel_error(fit_svd(x, 3, "gaussian").mean, truth),
+        "fa": rel_error(fit_fa(x, 3, "gaussian").mean, truth),
     }
 
 
 def count_peers(x, truth, s=None):
     scale = 1.0 if s is None else s[:, None]
     null = x.sum(0, keepdims=True) / (np.ones((x.shape[0], 1)) * scale).sum(0) * scale
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        nmf = NMF(
-            3,
-            beta_loss="kullback-leibler",
-            solver="mu",
-            init="nndsvda",
-            max_iter=1000,
-            random_state=0,
-        )
-        w = nmf.fit_transform(x)
-    return {"null": rel_error(null, truth), "nmf_kl": rel_error(w @ nmf.components_, truth)}
+    return {
+        "null": rel_error(null, truth),
+        "nmf_kl": rel_error(fit_nmf(x, 3, "poisson", s).mean, truth),
+    }
 
 
 def fit(x, likelihood, seed, **kw):

@@ -1,23 +1,73 @@
-"""Smoke run of the main job (one replicate, a short notebook baseline)."""
+"""Smoke runs of the scripts in simulations/ (one replicate, small settings)."""
 
+import csv
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "simulations"))
 
+import benchmark  # noqa: E402
 import sanity_checks  # noqa: E402
 
+import figures  # noqa: E402
 
-def test_sanity_checks_smoke(tmp_path, capsys):
+
+def test_sanity_benchmark_and_figures_smoke(tmp_path, capsys):
+    sanity, bench, figs = tmp_path / "sanity", tmp_path / "bench", tmp_path / "figs"
     summary = sanity_checks.main(
-        ["--n-reps", "1", "--seed", "7", "--out", str(tmp_path), "--notebook-epochs", "50"]
+        ["--n-reps", "1", "--seed", "7", "--out", str(sanity), "--notebook-epochs", "50"]
+        + ["--designs", "gaussian", "poisson"]
     )
     out = capsys.readouterr().out
-    assert "summary" in out and "time ratio" in out
-    data = json.loads((tmp_path / "results.json").read_text())
-    assert len(data["rows"]) == 2
-    assert (tmp_path / "tensorboard" / "gaussian-seed7").is_dir()
-    for lik in ("gaussian", "poisson"):
-        assert summary[lik]["spfa_over_best_peer"] < 1.0
+    assert "summary over 1 replicates" in out and "time ratio" in out
+    data = json.loads((sanity / "results.json").read_text())
+    assert {r["start"] for r in data["rows"]} == {"own", "truth", "svd"}
+    assert (sanity / "tensorboard" / "gaussian-seed7").is_dir()
+    for design in ("gaussian", "poisson"):
+        own, svd = summary[design]["own"], summary[design]["svd"]
+        assert own["error"] < svd["error"]
+        assert own["loadings_ap"] > svd["loadings_ap"] and own["factors_ap"] > svd["factors_ap"]
+        assert sum(summary[design]["own"]["calibration"]["count"]) == 3 * (100 + 500)
+
+    rows = benchmark.main(
+        ["--n-reps", "1", "--seed", "7", "--out", str(bench), "--designs", "gaussian"]
+        + ["--methods", "spfa", "truncated_svd", "nmf_kl", "glmpca"]
+    )
+    status = {r["method"]: r["status"] for r in rows}
+    assert status["spfa"] == status["truncated_svd"] == "ok"
+    assert status["nmf_kl"] == status["glmpca"] == "not applicable"
+    spfa_row = next(r for r in rows if r["method"] == "spfa")
+    assert np.isfinite(spfa_row["heldout_loglik"])
+    with open(bench / "benchmark.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    table = (bench / "benchmark.md").read_text()
+    assert "not applicable: needs non-negative data" in table
+
+    figures.main(["--sanity", str(sanity), "--benchmark", str(bench), "--out", str(figs)])
+    names = {p.name for p in figs.glob("*.png")}
+    assert {
+        "truth_vs_estimate_gaussian.png",
+        "truth_vs_estimate_poisson.png",
+        "elbo_trace.png",
+        "calibration.png",
+        "support_recovery.png",
+        "peers.png",
+    } <= names
+
+
+def test_missing_optional_peer_is_reported(monkeypatch):
+    """A peer that is not installed shows up as such, not dropped."""
+    monkeypatch.setitem(sys.modules, "mofapy2", None)
+    monkeypatch.setitem(sys.modules, "mofapy2.run", None)
+    monkeypatch.setitem(sys.modules, "mofapy2.run.entry_point", None)
+    from spfa.simulate import simulate
+
+    sim = simulate("poisson", n=30, p=40, seed=2)
+    row = benchmark.run_method(
+        "mofa+", benchmark.PEERS["mofa+"], sim, sim.x, np.zeros(sim.x.shape, bool), 2, 0, 10
+    )
+    assert row["status"] == "not installed" and "mofapy2" in row["note"]
