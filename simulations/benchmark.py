@@ -37,7 +37,14 @@ from spfa.evaluation import match_factors, relative_error, support_recovery
 from spfa.simulate import simulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import PEERS, NotApplicable, NotInstalled, fit_spfa, heldout_loglik  # noqa: E402
+from peers import (  # noqa: E402
+    ACCEPTS_MISSING,
+    PEERS,
+    NotApplicable,
+    NotInstalled,
+    fit_spfa,
+    heldout_loglik,
+)
 from sanity_checks import DESIGNS  # noqa: E402
 
 #: the large design: Poisson with size factors and per-gene baselines
@@ -62,8 +69,7 @@ def run_method(name, fn, sim, x_masked, heldout, k, seed, max_iter):
             fit = fit_spfa(x_masked, k, lik, sim.size_factors, seed)
         else:
             kw = {} if name in ("truncated_svd", "factor_analysis") else dict(max_iter=max_iter)
-            # a peer that accepts missing entries gets the masked matrix
-            x_in = x_masked if name == "mofa+" else sim.x
+            x_in = x_masked if name in ACCEPTS_MISSING else sim.x
             fit = fn(x_in, k, lik, sim.size_factors, seed, **kw)
     except NotApplicable as err:
         return dict(row, status="not applicable", note=str(err))

@@ -234,10 +234,21 @@ def fit_mofa(x, k, likelihood, size_factors=None, seed=0, max_iter=1000):
     note = "no size factors" if size_factors is not None else ""
     if likelihood == "negative_binomial":
         note = "Poisson likelihood (no NB)"
-    fit = PeerFit(mean, z, w, np.abs(z), theta, seconds, accepts_missing=True, note=note)
-    fit.noise_variance = None if noise is None else np.asarray(noise, float)
-    return fit
+    return PeerFit(
+        mean,
+        z,
+        w,
+        np.abs(z),
+        theta,
+        seconds,
+        accepts_missing=True,
+        noise_variance=None if noise is None else np.asarray(noise, float),
+        note=note,
+    )
 
+
+#: peers that take NaN for missing entries (the benchmark gives them the masked matrix)
+ACCEPTS_MISSING = {"mofa+"}
 
 #: name -> fit function, in the order of the tables
 PEERS = {

@@ -111,7 +111,6 @@ def initialize(
     w = np.where(np.isfinite(w) & (w > 0), w, 1.0)
 
     z = obs * (y - mu0) / slope
-    y_w = z * np.sqrt(w)
     k = n_components
     if start is not None:
         l0, f0 = (np.asarray(a, dtype=float) for a in start)
@@ -122,6 +121,7 @@ def initialize(
             slope = link.derivative(eta0)
             z = obs * (y - mu0) / slope
     else:
+        y_w = z * np.sqrt(w)
         if min(n, p) <= 500:
             u, sv, vt = np.linalg.svd(y_w, full_matrices=False)
             u, sv, vt = u[:, :k], sv[:k], vt[:k]

@@ -2,13 +2,13 @@
 support-recovery curves, accuracy against time.
 
 Every function draws on the ``ax`` (or axes) it is given and returns it, so the
-views compose into any figure. matplotlib is imported by the functions only.
+views compose into any figure; this module never imports pyplot itself.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from .evaluation import Calibration
 
@@ -96,8 +96,6 @@ def plot_support_curves(ax, curves):
     curves : dict label -> (score, truth)
         Pooled scores (PIP or ``|estimate|``) and true coefficients.
     """
-    from sklearn.metrics import average_precision_score
-
     for label, (score, truth) in curves.items():
         positive = np.ravel(truth) != 0
         precision, recall, _ = precision_recall_curve(positive, np.ravel(score))
