@@ -41,7 +41,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spfa.evaluation import calibration, match_factors, relative_error, support_recovery
+from spfa.evaluation import (
+    calibration,
+    match_factors,
+    posterior_checks,
+    relative_error,
+    support_recovery,
+    truth_in_estimate_gauge,
+)
 from spfa.simulate import SANITY_PI0, SANITY_SLAB_SD, simulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,6 +63,8 @@ DESIGNS = {
     "poisson_size_factors": dict(likelihood="poisson", size_factors="random"),
 }
 K = 3
+#: credible level of the intervals checked for coverage
+LEVEL = 0.95
 
 
 def evaluate(fit, sim) -> tuple[dict, object]:
@@ -83,7 +92,39 @@ def evaluate(fit, sim) -> tuple[dict, object]:
                 getattr(est, f"{side}_prior_scale_")
             ).tolist()
         out["n_iter"] = int(est.n_iter_)
+        out["active"] = match.reorder(est.active_components_).astype(float).tolist()
+        out["n_effective"] = int(est.n_effective_components_)
+        true_l, true_f = truth_in_estimate_gauge(
+            match, fit.loadings, fit.factors, sim.loadings, sim.factors
+        )
+        for side, post, truth in (
+            ("loadings", est.loadings_posterior(), true_l),
+            ("factors", est.factors_posterior(), true_f),
+        ):
+            out[f"{side}_posterior"] = posterior_checks(post, truth, level=LEVEL)
     return out, match
+
+
+def _pool_posterior(rows) -> dict:
+    """Interval coverage and lfsr sign accuracy pooled over replicates and both sides."""
+    checks = [r[f"{side}_posterior"] for r in rows for side in ("loadings", "factors")]
+
+    def pooled(key, weight):
+        w = np.array([c[weight] for c in checks], float)
+        v = np.array([c[key] for c in checks], float)
+        ok = w > 0
+        return float(np.sum(v[ok] * w[ok]) / np.sum(w[ok])) if ok.any() else float("nan")
+
+    n_zero = [c["n"] - c["n_nonzero"] for c in checks]
+    for c, nz in zip(checks, n_zero, strict=True):
+        c["n_zero"] = nz
+    return {
+        "coverage": pooled("coverage", "n"),
+        "coverage_nonzero": pooled("coverage_nonzero", "n_nonzero"),
+        "coverage_zero": pooled("coverage_zero", "n_zero"),
+        "sign_accuracy": pooled("sign_accuracy", "n_confident"),
+        "n_confident": int(sum(c["n_confident"] for c in checks)),
+    }
 
 
 def run_notebook(sim, seed, epochs):
@@ -151,6 +192,8 @@ def _summarise(rows, pooled, designs):
                 cal = calibration(pip, truth)
                 entry[start]["calibration"] = cal.as_dict()
                 entry[start]["calibration_max_gap"] = cal.max_gap(50)
+                entry[start]["posterior"] = _pool_posterior(rs)
+                entry[start]["active"] = np.mean([r["active"] for r in rs], axis=0).tolist()
         summary[design] = entry
     return summary
 
@@ -185,6 +228,29 @@ def _print_summary(summary, n_reps):
             f"pi_F {np.round(e['factors_prior_pi'], 2)} "
             f"sd_L*sd_F {np.round(scale, 2)}"
         )
+
+
+def _print_posterior(summary):
+    print(
+        f"\n== {LEVEL:.0%} credible intervals and lfsr < 0.05 (own start, pooled over L and F) =="
+    )
+    print(
+        f"{'design':<21} {'coverage':>8} {'non-zero':>8} {'zero':>6} "
+        f"{'sign ok':>7} {'of':>5}  kept (true-factor order)"
+    )
+    for design, entry in summary.items():
+        e = entry["own"]
+        q = e["posterior"]
+        print(
+            f"{design:<21} {q['coverage']:8.3f} {q['coverage_nonzero']:8.3f} "
+            f"{q['coverage_zero']:6.3f} {q['sign_accuracy']:7.3f} {q['n_confident']:5d}  "
+            f"{np.round(e['active'], 2)}"
+        )
+    print(
+        "(coverage of the truth, in the fit's gauge, by equal-tailed intervals of the point-normal"
+        "\n posterior; sign ok: share of lfsr < 0.05 entries whose sign is the true one, a true"
+        "\n zero counting as wrong; kept: share of replicates in which the factor was not pruned)"
+    )
 
 
 def main(argv=None):
@@ -254,6 +320,7 @@ def main(argv=None):
 
     summary = _summarise(rows, pooled, args.designs)
     _print_summary(summary, args.n_reps)
+    _print_posterior(summary)
 
     if args.notebook_epochs > 0:
         sim = simulate("poisson", seed=args.seed)

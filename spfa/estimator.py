@@ -26,6 +26,7 @@ from .initialization import PIP_INIT, initialize
 from .likelihoods import get_likelihood
 from .model import SparseFactorModel
 from .monitor import Monitor
+from .posterior import PointNormalPosterior
 from .training import train
 
 __all__ = ["SparseFactorAnalysis"]
@@ -210,6 +211,14 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         }, (missing, unexpected)
         return model.to(self.device_)
 
+    def _training_model(self) -> SparseFactorModel:
+        """The fitted model with the training rows' loadings."""
+        model = self._build_model(self._state["loadings.mean"].shape[0])
+        with torch.no_grad():
+            for name in ("logits", "mean", "log_prec"):
+                getattr(model.loadings, name).copy_(self._state["loadings." + name])
+        return model
+
     # ---------------------------------------------------------------------- fit
     def fit(self, X, y=None, *, size_factors=None, init_loadings=None, init_factors=None):
         """Fit the model to ``X``.
@@ -304,8 +313,12 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         finally:
             monitor.close()
 
-        self._prune(model, xt, maskt, log_s)
-        self._store(model, result, monitor)
+        elbo = self._paired_elbo(model, xt, maskt, log_s)
+        self._prune(model, elbo)
+        self.elbo_contribution_, order = self._rank(model, elbo)
+        self._store(model, result, monitor, order)
+        if not likelihood.is_count:
+            self.explained_variance_ratio_ = self._explained_variance_ratio(x, mask)
         self.elbo_ = (
             float(np.mean(result.history["elbo"][-50:])) if result.history["elbo"] else float("nan")
         )
@@ -318,7 +331,27 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             )
         return self
 
-    def _prune(self, model: SparseFactorModel, xt, maskt, log_s) -> None:
+    def _paired_elbo(self, model: SparseFactorModel, xt, maskt, log_s):
+        """A function evaluating the ELBO with common random numbers (fixed seed).
+
+        Differences of its values between two settings of ``active`` are paired
+        comparisons, free of most Monte Carlo noise.
+        """
+        n_samples = max(1, min(N_SCORE_SAMPLES, PRUNE_BUDGET // xt.numel()))
+
+        def elbo() -> float:
+            with torch.no_grad():
+                terms = model.elbo_terms(xt, maskt, log_s, n_samples, self._generator(0))
+            return float(terms.elbo)
+
+        return elbo
+
+    @staticmethod
+    def _switch(model: SparseFactorModel, k: int, on: bool) -> None:
+        for side in (model.loadings, model.factors):
+            side.active[k] = 1.0 if on else 0.0
+
+    def _prune(self, model: SparseFactorModel, elbo) -> None:
         """Switch off each factor whose removal does not lower the ELBO.
 
         A factor the data do not support ends training with a posterior close
@@ -328,37 +361,52 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         tried from the smallest ``||E[l_k]|| ||E[f_k]||`` up; the ELBO is
         evaluated with common random numbers, so the comparison is paired.
         """
-        n_samples = max(1, min(N_SCORE_SAMPLES, PRUNE_BUDGET // xt.numel()))
-
-        def elbo():
-            terms = model.elbo_terms(xt, maskt, log_s, n_samples, self._generator(0))
-            return float(terms.elbo)
-
-        sides = (model.loadings, model.factors)
         with torch.no_grad():
             size = model.loadings.moments().mean.norm(dim=0) * model.factors.moments().mean.norm(
                 dim=0
             )
-            best = elbo()
-            for k in torch.argsort(size).tolist():
-                for side in sides:
-                    side.active[k] = 0.0
-                trial = elbo()
-                if np.isfinite(trial) and trial >= best:
-                    best = trial
-                else:
-                    for side in sides:
-                        side.active[k] = 1.0
+        best = elbo()
+        for k in torch.argsort(size).tolist():
+            self._switch(model, k, False)
+            trial = elbo()
+            if np.isfinite(trial) and trial >= best:
+                best = trial
+            else:
+                self._switch(model, k, True)
 
-    def _store(self, model: SparseFactorModel, result, monitor: Monitor) -> None:
+    def _rank(self, model: SparseFactorModel, elbo) -> tuple[np.ndarray, np.ndarray]:
+        """Order the factors by their ELBO contribution, pruned ones last.
+
+        The contribution of factor ``k`` is ``ELBO - ELBO(without k)`` with the
+        other factors as fitted (paired draws); 0 for a pruned factor. The
+        model is permuted in place; returns the contributions in the new order
+        and the permutation (new factor ``i`` was factor ``order[i]`` in training).
+        """
+        active = model.factors.active.cpu().numpy() > 0
+        full = elbo()
+        contribution = np.zeros(active.size)
+        for k in np.flatnonzero(active):
+            self._switch(model, k, False)
+            contribution[k] = full - elbo()
+            self._switch(model, k, True)
+        order = np.lexsort((-contribution, ~active))
+        index = torch.as_tensor(order, device=model.factors.active.device)
+        model.loadings.permute_(index)
+        model.factors.permute_(index)
+        return contribution[order], order
+
+    def _store(self, model: SparseFactorModel, result, monitor: Monitor, order) -> None:
         self._state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         with torch.no_grad():
             ml, _ = model.loadings.moments()
             mf, _ = model.factors.moments()
             self.loadings_ = ml.cpu().double().numpy()
             self.components_ = mf.T.cpu().double().numpy()
-            self.loadings_pip_ = model.loadings.pip.cpu().double().numpy()
-            self.factors_pip_ = model.factors.pip.cpu().double().numpy()
+        loadings, factors = self._posterior(model.loadings), self._posterior(model.factors)
+        self.loadings_pip_, self.factors_pip_ = loadings.pip, factors.pip
+        self.loadings_sd_, self.factors_sd_ = loadings.sd, factors.sd
+        self.loadings_lfsr_, self.factors_lfsr_ = loadings.lfsr, factors.lfsr
+        with torch.no_grad():
             self.intercept_ = model.intercept_mean().detach().cpu().double().numpy()
             if model.intercept is not None:
                 self.intercept_prior_mean_ = float(model.intercept.prior_mean)
@@ -368,9 +416,14 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         for key, value in model.likelihood.fitted_attributes().items():
             setattr(self, key, value)
         self.active_components_ = model.factors.active.cpu().numpy() > 0
+        self.n_effective_components_ = int(self.active_components_.sum())
         self.n_iter_ = result.n_iter
         self.history_ = dict(result.history)
-        self.history_.update(monitor.prior_history)
+        # per-window priors were recorded in training order; report them in the final one
+        for key, windows in monitor.prior_history.items():
+            if key != "step":
+                windows = [[w[i] for i in order] for w in windows]
+            self.history_[key] = windows
         self._n_features_out = self.n_components
 
     # ---------------------------------------------------------------- transform
@@ -453,6 +506,108 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         model, _, _ = self._fit_loadings(X, size_factors)
         with torch.no_grad():
             return model.loadings.moments().mean.cpu().double().numpy()
+
+    @staticmethod
+    def _posterior(side) -> PointNormalPosterior:
+        with torch.no_grad():
+            return PointNormalPosterior(
+                side.pip.cpu().double().numpy(),
+                side.mean.cpu().double().numpy(),
+                side.slab_sd().cpu().double().numpy(),
+            )
+
+    def _explained_variance_ratio(self, x, mask) -> np.ndarray:
+        """Gaussian: share of the observed variance of each feature-centred factor term."""
+        obs = np.ones_like(x) if mask is None else mask
+        count = np.maximum(obs.sum(0), 1.0)
+        total = ((x - (x * obs).sum(0) / count) ** 2 * obs).sum()
+        ratio = np.zeros(self.n_components)
+        for k in range(self.n_components):
+            term = np.outer(self.loadings_[:, k], self.components_[k])
+            ratio[k] = ((term - (term * obs).sum(0) / count) ** 2 * obs).sum() / total
+        return ratio
+
+    def factors_posterior(self) -> PointNormalPosterior:
+        """Posterior of the factors ``F``, ``(n_features, n_components)``.
+
+        Gives mean, sd, PIP, local false sign rate and credible intervals of
+        every entry, accounting for the point mass at zero
+        (see :class:`spfa.posterior.PointNormalPosterior`).
+        """
+        check_is_fitted(self)
+        return self._posterior(self._training_model().factors)
+
+    def loadings_posterior(self, X=None, *, size_factors=None) -> PointNormalPosterior:
+        """Posterior of the loadings ``L``, ``(n_samples, n_components)``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features), default=None
+            None gives the training rows' posterior; new rows are fitted as in
+            :meth:`transform` (factors and priors held fixed).
+        size_factors : array-like of shape (n_samples,), default=None
+            Of the new rows.
+        """
+        check_is_fitted(self)
+        if X is None:
+            if size_factors is not None:
+                raise ValueError("size_factors are only used with new rows X")
+            return self._posterior(self._training_model().loadings)
+        model, _, _ = self._fit_loadings(X, size_factors)
+        return self._posterior(model.loadings)
+
+    def top_features(self, n_top=10, *, min_pip=0.5, include_pruned=False) -> list[dict]:
+        """The features that make up each factor, strongest first.
+
+        Within each factor, the features with PIP at least ``min_pip`` are
+        ranked by the size of their posterior mean effect ``|E[f_jk]|`` (which
+        is PIP times slab mean, so it weighs confidence and size together).
+
+        Parameters
+        ----------
+        n_top : int, default=10
+            At most this many features per factor.
+        min_pip : float in [0, 1], default=0.5
+        include_pruned : bool, default=False
+            Also list (empty) entries for pruned factors.
+
+        Returns
+        -------
+        list of dict
+            One record per (factor, feature), ready for ``pandas.DataFrame``:
+            ``component``, ``rank``, ``feature`` (the input's column name, or
+            ``"x<j>"``), ``index`` (column number), ``pip``, ``mean``, ``sd``,
+            ``lfsr``.
+        """
+        check_is_fitted(self)
+        n_top = check_positive_int(n_top, "n_top")
+        if not (isinstance(min_pip, (int, float)) and 0 <= min_pip <= 1):
+            raise ValueError(f"min_pip must lie in [0, 1], got {min_pip!r}")
+        names = getattr(self, "feature_names_in_", None)
+        if names is None:
+            names = np.array([f"x{j}" for j in range(self.n_features_in_)], dtype=object)
+        post = self.factors_posterior()
+        mean, sd, lfsr = post.mean, post.sd, post.lfsr
+        records = []
+        for k in range(self.n_components):
+            if not (self.active_components_[k] or include_pruned):
+                continue
+            keep = np.flatnonzero(post.pip[:, k] >= min_pip) if self.active_components_[k] else []
+            ranked = keep[np.argsort(-np.abs(mean[keep, k]), kind="stable")][:n_top]
+            for rank, j in enumerate(ranked):
+                records.append(
+                    {
+                        "component": k,
+                        "rank": rank,
+                        "feature": str(names[j]),
+                        "index": int(j),
+                        "pip": float(post.pip[j, k]),
+                        "mean": float(mean[j, k]),
+                        "sd": float(sd[j, k]),
+                        "lfsr": float(lfsr[j, k]),
+                    }
+                )
+        return records
 
     def inverse_transform(self, Z):
         """Expected data ``h(Z E[F]^T + b)`` on the mean scale (size factor 1).

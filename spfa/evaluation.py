@@ -21,6 +21,8 @@ __all__ = [
     "match_factors",
     "support_recovery",
     "calibration",
+    "truth_in_estimate_gauge",
+    "posterior_checks",
 ]
 
 
@@ -208,3 +210,78 @@ def calibration(pip, truth, n_bins: int = 10) -> Calibration:
         mean_pip = np.bincount(which, weights=pip, minlength=n_bins) / count
         frac = np.bincount(which, weights=positive, minlength=n_bins) / count
     return Calibration(edges, count, mean_pip, frac)
+
+
+def truth_in_estimate_gauge(match: FactorMatch, loadings, factors, true_loadings, true_factors):
+    """The true ``L`` and ``F`` in the estimate's column order, sign and scale.
+
+    ``L F^T`` is unchanged by ``l_k -> c l_k, f_k -> f_k / c``, so entries of
+    ``L`` and ``F`` can be compared with the truth only in a common gauge. True
+    factor ``t``, matched to estimated factor ``e``, is moved to column ``e``
+    with the estimate's sign and rescaled by
+    ``c = sqrt(||E[l_e]|| ||f_t|| / (||l_t|| ||E[f_e]||))``, which splits the
+    scale of the true rank-one term between its two sides as the estimate
+    does (``c = 1`` where either side is zero, e.g. a pruned factor).
+    Estimated factors matched to no true factor get a true column of zeros.
+
+    Returns
+    -------
+    true_loadings, true_factors : ndarray of shape (n, k_est), (p, k_est)
+    """
+    loadings, factors = np.asarray(loadings, float), np.asarray(factors, float)
+    true_loadings, true_factors = np.asarray(true_loadings, float), np.asarray(true_factors, float)
+    out_l = np.zeros_like(loadings)
+    out_f = np.zeros_like(factors)
+    for t, e in enumerate(match.order):
+        norms = (
+            np.linalg.norm(loadings[:, e]),
+            np.linalg.norm(true_factors[:, t]),
+            np.linalg.norm(true_loadings[:, t]),
+            np.linalg.norm(factors[:, e]),
+        )
+        c = np.sqrt(norms[0] * norms[1] / (norms[2] * norms[3])) if min(norms) > 0 else 1.0
+        out_l[:, e] = match.sign[t] * c * true_loadings[:, t]
+        out_f[:, e] = match.sign[t] * true_factors[:, t] / c
+    return out_l, out_f
+
+
+def posterior_checks(posterior, truth, level: float = 0.95, lfsr_threshold: float = 0.05) -> dict:
+    """Frequentist checks of a point-normal posterior against the truth.
+
+    Parameters
+    ----------
+    posterior : spfa.posterior.PointNormalPosterior
+    truth : ndarray, same shape
+        True values in the posterior's gauge (:func:`truth_in_estimate_gauge`).
+    level : float, default=0.95
+        Credible level of the intervals.
+    lfsr_threshold : float, default=0.05
+
+    Returns
+    -------
+    dict
+        ``coverage`` (fraction of entries inside their interval), with
+        ``coverage_nonzero`` and ``coverage_zero`` split by the truth;
+        ``n_confident`` (entries with lfsr below the threshold) and
+        ``sign_accuracy`` (fraction of those whose reported sign is the true
+        one; a true zero counts as wrong), ``nan`` when there are none.
+    """
+    truth = np.asarray(truth, float)
+    lower, upper = posterior.interval(level)
+    inside = (lower <= truth) & (truth <= upper)
+    nonzero = truth != 0
+    confident = posterior.lfsr < lfsr_threshold
+    right = posterior.sign[confident] == np.sign(truth[confident])
+
+    def frac(a):
+        return float(a.mean()) if a.size else float("nan")
+
+    return {
+        "coverage": frac(inside),
+        "coverage_nonzero": frac(inside[nonzero]),
+        "coverage_zero": frac(inside[~nonzero]),
+        "n": int(truth.size),
+        "n_nonzero": int(nonzero.sum()),
+        "n_confident": int(confident.sum()),
+        "sign_accuracy": frac(right),
+    }

@@ -125,6 +125,18 @@ class PointNormal(torch.nn.Module):
         )
         return (kl * self.active).sum()
 
+    def slab_sd(self) -> torch.Tensor:
+        """Slab standard deviation ``1/sqrt(nu)`` of each entry, ``[m, k]``."""
+        return torch.exp(-0.5 * self.log_prec)
+
+    @torch.no_grad()
+    def permute_(self, order: torch.Tensor) -> None:
+        """Reorder the factors in place: new factor ``i`` is old factor ``order[i]``."""
+        for tensor in (self.logits, self.mean, self.log_prec):
+            tensor.copy_(tensor[:, order])
+        for tensor in (self.prior_logit, self.prior_log_prec, self.active):
+            tensor.copy_(tensor[order])
+
     def set_prior_trainable(self, trainable: bool) -> None:
         for p in self.prior_parameters():
             p.requires_grad_(trainable)

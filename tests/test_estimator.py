@@ -307,7 +307,12 @@ def test_pruned_factors_are_switched_off_and_reported():
     """Planted rank 1, asked for 3: the two extra factors are pruned, exactly."""
     sim = simulate("gaussian", n=100, p=300, pi0=(0.2,), slab_sd=(1.0,), seed=5)
     est = SparseFactorAnalysis(3, likelihood="gaussian", random_state=0).fit(sim.x)
-    assert est.active_components_.sum() == 1
+    assert est.active_components_.sum() == 1 and est.n_effective_components_ == 1
+    # the kept factor comes first, the pruned ones after it with no contribution
+    np.testing.assert_array_equal(est.active_components_, [True, False, False])
+    assert est.elbo_contribution_[0] > 0 and np.all(est.elbo_contribution_[1:] == 0)
+    assert est.explained_variance_ratio_[0] > 0.3 and np.all(est.explained_variance_ratio_[1:] == 0)
+    assert est.factors_lfsr_[:, 1:].min() == 1.0
     off = ~est.active_components_
     for attr in ("loadings_pip_", "factors_pip_", "loadings_"):
         assert np.all(getattr(est, attr)[:, off] == 0), attr
@@ -315,3 +320,69 @@ def test_pruned_factors_are_switched_off_and_reported():
     assert np.all(est.loadings_prior_pi_[off] == 0)
     # new rows: the pruned factors stay off
     assert np.all(est.transform(sim.x[:10])[:, off] == 0)
+
+
+def test_posterior_summaries_agree_with_attributes(fitted, counts):
+    post = fitted.factors_posterior()
+    np.testing.assert_allclose(post.mean, fitted.components_.T, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(post.pip, fitted.factors_pip_)
+    np.testing.assert_allclose(post.sd, fitted.factors_sd_)
+    np.testing.assert_allclose(post.lfsr, fitted.factors_lfsr_)
+    train = fitted.loadings_posterior()
+    np.testing.assert_allclose(train.mean, fitted.loadings_, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(train.sd, fitted.loadings_sd_)
+    lower, upper = train.interval(0.9)
+    assert np.all(lower <= train.mean) and np.all(train.mean <= upper)
+    # new rows: the same fit as transform
+    new = fitted.loadings_posterior(counts[:7])
+    np.testing.assert_allclose(new.mean, fitted.transform(counts[:7]), rtol=1e-6, atol=1e-12)
+    assert new.shape == (7, 2) and np.all(new.sd > 0)
+    with pytest.raises(ValueError, match="only used with new rows"):
+        fitted.loadings_posterior(size_factors=np.ones(len(counts)))
+
+
+def test_factors_are_ordered_by_elbo_contribution():
+    # planted factor 0 is weaker than factor 1: the fit lists the strong one first
+    sim = simulate("gaussian", n=120, p=200, pi0=(0.6, 0.3), slab_sd=(1.0, 1.5), seed=11)
+    est = SparseFactorAnalysis(2, likelihood="gaussian", random_state=0).fit(sim.x)
+    assert est.n_effective_components_ == 2
+    c = est.elbo_contribution_
+    assert c[0] >= c[1] > 0
+    assert est.explained_variance_ratio_[0] > est.explained_variance_ratio_[1]
+    strong = np.abs(np.corrcoef(est.components_[0], sim.factors[:, 1])[0, 1])
+    assert strong > 0.9
+    # the per-window prior history is in the final order too
+    assert np.allclose(est.history_["factors_prior_pi"][-1], est.factors_prior_pi_, atol=0.05)
+
+
+def test_top_features_use_dataframe_column_names():
+    sim = simulate("poisson", n=80, p=60, pi0=(0.7,), slab_sd=(1.5,), seed=2)
+    genes = [f"gene{j}" for j in range(60)]
+    est = SparseFactorAnalysis(1, **FAST)
+    fit_quiet(est, pd.DataFrame(sim.x, columns=genes))
+    top = est.top_features(5)
+    assert 0 < len(top) <= 5
+    assert [r["rank"] for r in top] == list(range(len(top)))
+    sizes = [abs(r["mean"]) for r in top]
+    assert sizes == sorted(sizes, reverse=True)
+    assert all(r["pip"] >= 0.5 and r["feature"] == genes[r["index"]] for r in top)
+    # the features picked are truly in the factor
+    assert all(sim.factors[r["index"], 0] != 0 for r in top)
+    table = pd.DataFrame(top)
+    assert list(table.columns) == [
+        "component",
+        "rank",
+        "feature",
+        "index",
+        "pip",
+        "mean",
+        "sd",
+        "lfsr",
+    ]
+    assert est.top_features(5, min_pip=1.0) == [] or all(
+        r["pip"] == 1.0 for r in est.top_features(5, min_pip=1.0)
+    )
+    with pytest.raises(ValueError, match="min_pip"):
+        est.top_features(min_pip=2)
+    with pytest.raises(ValueError, match="n_top"):
+        est.top_features(0)
