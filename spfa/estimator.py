@@ -105,6 +105,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         Gaussian likelihood only.
     dispersion_, inverse_dispersion_ : ndarray of shape (n_features,)
         Negative binomial only: variance is ``mu + dispersion_ * mu^2``.
+    training_size_factors_ : ndarray of shape (n_samples,) or None
+        The ``size_factors`` given to ``fit`` (used by :meth:`sample`).
     elbo_ : float
         ELBO of the training data (mean over the last window of steps).
     n_iter_ : int
@@ -316,6 +318,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         elbo = self._paired_elbo(model, xt, maskt, log_s)
         self._prune(model, elbo)
         self.elbo_contribution_, order = self._rank(model, elbo)
+        self.training_size_factors_ = s
         self._store(model, result, monitor, order)
         if not likelihood.is_count:
             self.explained_variance_ratio_ = self._explained_variance_ratio(x, mask)
@@ -641,6 +644,46 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         with torch.no_grad():
             terms = model.elbo_terms(xt, maskt, log_s, N_SCORE_SAMPLES, gen)
         return float(terms.elbo) / n_obs
+
+    def sample(self, n_draws=1, *, size_factors=None, random_state=None):
+        """Posterior predictive data sets for the training rows.
+
+        Each draw takes ``L``, ``F`` and ``b`` jointly from the posterior ``q``,
+        then data from the likelihood at ``s h(L F^T + b)`` with the fitted
+        nuisance parameters (Gaussian noise variance, NB dispersion), for
+        posterior predictive checks.
+
+        Parameters
+        ----------
+        n_draws : int, default=1
+        size_factors : array-like of shape (n_samples,), default=None
+            None uses the training size factors (``training_size_factors_``).
+        random_state : int, RandomState or None, default=None
+
+        Returns
+        -------
+        ndarray of shape (n_draws, n_samples, n_features)
+        """
+        check_is_fitted(self)
+        n_draws = check_positive_int(n_draws, "n_draws")
+        model = self._training_model()
+        n = model.loadings.mean.shape[0]
+        s = check_size_factors(size_factors, n)
+        if s is None:
+            s = self.training_size_factors_
+        if s is not None and not model.likelihood.is_count:
+            raise ValueError("size_factors are only used by count likelihoods")
+        rng = check_random_state(random_state)
+        gen = self._generator(rng.randint(2**31 - 1))
+        data_rng = np.random.default_rng(rng.randint(2**31 - 1))
+        out = np.empty((n_draws, n, self.n_features_in_))
+        with torch.no_grad():
+            for d in range(n_draws):
+                mean = model.likelihood.mean(model.sample_eta(gen)).double().cpu().numpy()
+                if s is not None:
+                    mean = mean * s[:, None]
+                out[d] = model.likelihood.sample(mean, data_rng)
+        return out
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

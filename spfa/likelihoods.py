@@ -113,6 +113,10 @@ class Likelihood(torch.nn.Module):
         )
         return self.log_prob(x, eta_mean + sd * eps, log_s).mean(0)
 
+    def sample(self, mean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Draw data with the given mean ``s h(eta)`` (numpy, any shape ending in ``p``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement sample()")
+
     def fitted_attributes(self) -> dict[str, np.ndarray]:
         """Fitted nuisance parameters, exposed by the estimator as attributes."""
         return {}
@@ -160,6 +164,10 @@ class Gaussian(Likelihood):
     def mean(self, eta, log_s=None):
         return eta
 
+    def sample(self, mean, rng):
+        sd = np.sqrt(self.noise_variance.detach().cpu().double().numpy())
+        return mean + sd * rng.standard_normal(np.shape(mean))
+
     def fitted_attributes(self):
         return {"noise_variance_": self.noise_variance.detach().cpu().double().numpy()}
 
@@ -184,6 +192,9 @@ class Poisson(Likelihood):
 
     def variance_function(self, mu):
         return mu
+
+    def sample(self, mean, rng):
+        return rng.poisson(mean).astype(np.float64)
 
 
 def _stirling_remainder(z: torch.Tensor) -> torch.Tensor:
@@ -257,6 +268,11 @@ class NegativeBinomial(Likelihood):
     def variance_function(self, mu):
         r = self.inverse_dispersion.detach().cpu().double().numpy()
         return mu + mu**2 / r
+
+    def sample(self, mean, rng):
+        # numpy's NB(n, p) has mean n (1 - p) / p: n = r, p = r / (r + mean)
+        r = self.inverse_dispersion.detach().cpu().double().numpy()
+        return rng.negative_binomial(r, r / (r + mean)).astype(np.float64)
 
     def fitted_attributes(self):
         r = self.inverse_dispersion.detach().cpu().double().numpy()

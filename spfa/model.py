@@ -134,6 +134,14 @@ class SparseFactorModel(torch.nn.Module):
         kl_b = self.intercept.kl() if self.intercept is not None else ll.new_zeros(())
         return ELBOTerms(ll.sum(), self.loadings.kl(), self.factors.kl(), kl_b)
 
+    @torch.no_grad()
+    def sample_eta(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One draw of ``eta = L F^T + b`` with ``L, F, b`` drawn jointly from ``q``, ``[n, p]``."""
+        eta = self.loadings.sample(generator) @ self.factors.sample(generator).T
+        if self.intercept is not None:
+            eta = eta + self.intercept.sample(generator)
+        return eta
+
     def fitted_mean(self, log_s: torch.Tensor | None = None) -> torch.Tensor:
         """Plug-in mean ``s h(E[eta])`` on the data scale, ``[n, p]``."""
         mean, _ = self.eta_moments()

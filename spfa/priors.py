@@ -130,6 +130,13 @@ class PointNormal(torch.nn.Module):
         return torch.exp(-0.5 * self.log_prec)
 
     @torch.no_grad()
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One draw of the whole matrix from ``q``, ``[m, k]``."""
+        on = torch.rand(self.mean.shape, generator=generator, device=self.mean.device) < self.pip
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
+        return torch.where(on, self.mean + self.slab_sd() * eps, torch.zeros_like(self.mean))
+
+    @torch.no_grad()
     def permute_(self, order: torch.Tensor) -> None:
         """Reorder the factors in place: new factor ``i`` is old factor ``order[i]``."""
         for tensor in (self.logits, self.mean, self.log_prec):
@@ -185,3 +192,9 @@ class NormalEffect(torch.nn.Module):
     @property
     def prior_scale(self) -> torch.Tensor:
         return torch.exp(-0.5 * self.prior_log_prec)
+
+    @torch.no_grad()
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One draw of ``b`` from ``q``, ``[m]``."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
+        return self.mean + torch.exp(0.5 * self.log_var) * eps

@@ -386,3 +386,31 @@ def test_top_features_use_dataframe_column_names():
         est.top_features(min_pip=2)
     with pytest.raises(ValueError, match="n_top"):
         est.top_features(0)
+
+
+def test_sample_gaussian_matches_posterior_moments():
+    sim = simulate("gaussian", n=40, p=30, pi0=(0.3,), slab_sd=(1.5,), seed=6)
+    est = SparseFactorAnalysis(1, likelihood="gaussian", random_state=0).fit(sim.x)
+    draws = est.sample(3000, random_state=1)
+    assert draws.shape == (3000, 40, 30)
+    model = est._training_model()
+    with torch.no_grad():
+        mean, var = (t.double().numpy() for t in model.eta_moments())
+    total = var + est.noise_variance_
+    se = np.sqrt(total / draws.shape[0])
+    assert np.mean(np.abs(draws.mean(0) - mean) < 4 * se) > 0.99
+    np.testing.assert_allclose(draws.var(0).mean(), total.mean(), rtol=0.03)
+    again = est.sample(2, random_state=1)
+    np.testing.assert_array_equal(again, draws[:2])
+
+
+def test_sample_counts_respect_size_factors(counts):
+    s = np.linspace(0.5, 4.0, counts.shape[0])
+    est = fit_quiet(SparseFactorAnalysis(2, **FAST), counts, size_factors=s)
+    scaled = est.sample(400, random_state=0)  # the training size factors by default
+    unit = est.sample(400, size_factors=np.ones_like(s), random_state=0)
+    assert np.all(scaled == np.round(scaled)) and scaled.min() >= 0
+    ratio = scaled.sum(axis=(0, 2)) / unit.sum(axis=(0, 2))
+    np.testing.assert_allclose(ratio, s, rtol=0.15)
+    with pytest.raises(ValueError, match="size_factors"):
+        est.sample(1, size_factors=np.ones(3))

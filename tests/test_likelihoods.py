@@ -178,3 +178,24 @@ def test_registry_and_errors():
     # an instance is copied, never mutated by a fit
     lik = Poisson("exp")
     assert get_likelihood(lik) is not lik
+
+
+@pytest.mark.parametrize("name", ["gaussian", "poisson", "negative_binomial"])
+def test_sample_has_the_model_mean_and_variance(name):
+    lik = get_likelihood(name)
+    p = 3
+    lik.initialize(np.full(p, 2.0), np.array([0.5, 4.0, 9.0]))
+    mean = np.array([[0.5, 3.0, 20.0]])
+    draws = lik.sample(np.repeat(mean, 200_000, axis=0), np.random.default_rng(0))
+    var = {
+        "gaussian": lambda: lik.noise_variance.double().detach().numpy() + 0 * mean,
+        "poisson": lambda: mean,
+        "negative_binomial": lambda: (
+            mean + mean**2 / lik.inverse_dispersion.double().detach().numpy()
+        ),
+    }[name]()
+    se = np.sqrt(var / draws.shape[0])
+    np.testing.assert_array_less(np.abs(draws.mean(0) - mean[0]), 5 * se[0])
+    np.testing.assert_allclose(draws.var(0), var[0], rtol=0.03)
+    if lik.is_count:
+        assert np.all(draws == np.round(draws)) and draws.min() >= 0

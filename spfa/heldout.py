@@ -1,0 +1,229 @@
+"""Held-out evaluation: hide entries from a fit and score the fit on them.
+
+Two ways to hold data out, both keeping every row and column in the fit:
+
+* :func:`mask_entries` hides a random subset of entries (they become NaN, which
+  the estimator treats as missing) and returns where they were;
+* :func:`thin_counts` splits each count ``x`` binomially into
+  ``x_test ~ Binomial(x, fraction)`` and ``x_train = x - x_test``. Under a
+  Poisson model with mean ``mu`` the two halves are independent Poisson with
+  means ``(1 - fraction) mu`` and ``fraction mu``, so the test half is scored
+  with size factors multiplied by ``fraction / (1 - fraction)``. Thinning a
+  negative binomial gives NB halves with the same dispersion, but they are no
+  longer independent, so use masking to compare NB fits.
+
+:func:`heldout_log_likelihood` scores held-out data by the log posterior
+predictive density, ``log (1/S) sum_s p(x_ij | eta_ij^(s))`` with ``L, F, b``
+drawn jointly from ``q``, averaged over the held-out entries; and
+:func:`heldout_score` does the whole split-fit-score round for one estimator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.base import clone
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+
+from ._validation import check_positive_int, check_size_factors
+
+__all__ = ["mask_entries", "thin_counts", "heldout_log_likelihood", "heldout_score"]
+
+
+def _check_fraction(fraction) -> float:
+    if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+        raise ValueError(f"fraction must lie strictly between 0 and 1, got {fraction!r}")
+    return float(fraction)
+
+
+def _dense(X) -> np.ndarray:
+    X = X.toarray() if sp.issparse(X) else np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-dimensional, got shape {X.shape}")
+    return X.astype(np.float64, copy=True)
+
+
+def mask_entries(X, fraction=0.1, random_state=None):
+    """Hide a random ``fraction`` of the observed entries of ``X``.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        NaN entries are already missing and are never chosen.
+    fraction : float in (0, 1), default=0.1
+    random_state : int, RandomState or None
+
+    Returns
+    -------
+    X_train : ndarray of shape (n_samples, n_features)
+        ``X`` with the held-out entries set to NaN.
+    heldout : ndarray of bool, shape (n_samples, n_features)
+        True at the held-out entries.
+    """
+    fraction = _check_fraction(fraction)
+    x = _dense(X)
+    rng = check_random_state(random_state)
+    heldout = (rng.random_sample(x.shape) < fraction) & ~np.isnan(x)
+    if not heldout.any():
+        raise ValueError("no entry was held out; increase fraction")
+    x[heldout] = np.nan
+    return x, heldout
+
+
+def thin_counts(X, fraction=0.1, random_state=None):
+    """Split counts binomially into a training and a test matrix.
+
+    Parameters
+    ----------
+    X : array-like or scipy.sparse matrix of shape (n_samples, n_features)
+        Non-negative integer counts; a sparse matrix stays sparse.
+    fraction : float in (0, 1), default=0.1
+        Expected share of each count that goes to the test matrix.
+    random_state : int, RandomState or None
+
+    Returns
+    -------
+    X_train, X_test : same type as ``X`` (ndarray or sparse)
+        ``X_train + X_test == X``. Score ``X_test`` with size factors
+        multiplied by ``fraction / (1 - fraction)`` (see the module docstring).
+    """
+    fraction = _check_fraction(fraction)
+    rng = check_random_state(random_state)
+    if sp.issparse(X):
+        test = sp.csr_matrix(X, dtype=np.float64, copy=True)
+        values = test.data
+    else:
+        test = _dense(X)
+        values = test
+    if np.isnan(values).any():
+        raise ValueError("thin_counts needs complete counts; X has NaN entries")
+    if values.size and (values.min() < 0 or not np.all(values == np.round(values))):
+        raise ValueError("thin_counts needs non-negative integer counts")
+    values[...] = rng.binomial(values.astype(np.int64), fraction)
+    train = (sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else _dense(X)) - test
+    return train, test
+
+
+def heldout_log_likelihood(
+    estimator, X, *, entries=None, size_factors=None, n_draws=100, random_state=0
+):
+    """Mean log posterior predictive density of held-out entries of the training rows.
+
+    Parameters
+    ----------
+    estimator : SparseFactorAnalysis
+        Fitted to data with the same rows and columns as ``X``.
+    X : array-like of shape (n_samples, n_features)
+        Data to score (the held-out values; other entries are ignored).
+    entries : ndarray of bool, shape (n_samples, n_features), default=None
+        Which entries to score; None scores every non-NaN entry.
+    size_factors : array-like of shape (n_samples,), default=None
+        Size factors of ``X`` (for thinned counts, the training ones times
+        ``fraction / (1 - fraction)``).
+    n_draws : int, default=100
+        Joint draws of ``L, F, b`` from ``q``.
+    random_state : int, default=0
+
+    Returns
+    -------
+    float
+        ``mean over entries of log (1/S) sum_s p(x_ij | eta^(s)_ij)``; higher is better.
+    """
+    check_is_fitted(estimator)
+    n_draws = check_positive_int(n_draws, "n_draws")
+    model = estimator._training_model()
+    n, p = model.loadings.mean.shape[0], estimator.n_features_in_
+    x = _dense(X)
+    if x.shape != (n, p):
+        raise ValueError(
+            f"X has shape {x.shape}; heldout_log_likelihood scores the training rows, ({n}, {p})"
+        )
+    if entries is None:
+        entries = ~np.isnan(x)
+    entries = np.asarray(entries, dtype=bool)
+    if entries.shape != x.shape:
+        raise ValueError(f"entries must have shape {x.shape}, got {entries.shape}")
+    if np.isnan(x[entries]).any():
+        raise ValueError("X is NaN at some of the entries to score")
+    if not entries.any():
+        raise ValueError("no entries to score")
+    s = check_size_factors(size_factors, n)
+    device = estimator.device_
+    xt = torch.as_tensor(np.where(entries, x, 0.0), dtype=torch.float32, device=device)
+    log_s = None if s is None else torch.as_tensor(np.log(s)[:, None], dtype=torch.float32)
+    log_s = None if log_s is None else log_s.to(device)
+    gen = estimator._generator(int(check_random_state(random_state).randint(2**31 - 1)))
+    with torch.no_grad():
+        running = None
+        for _ in range(n_draws):
+            lp = model.likelihood.log_prob(xt, model.sample_eta(gen), log_s).double()
+            running = lp if running is None else torch.logaddexp(running, lp)
+        density = running - math.log(n_draws)
+        mask = torch.as_tensor(entries, device=device)
+        return float(density[mask].mean())
+
+
+def heldout_score(
+    estimator,
+    X,
+    *,
+    method="mask",
+    fraction=0.1,
+    size_factors=None,
+    n_draws=100,
+    random_state=0,
+):
+    """Hold out part of ``X``, fit a clone of ``estimator`` on the rest, score it.
+
+    Parameters
+    ----------
+    estimator : SparseFactorAnalysis
+        Unfitted template (its parameters are used; it is not modified).
+    X : array-like of shape (n_samples, n_features)
+    method : {"mask", "thin"}, default="mask"
+        Hold out random entries, or binomially thinned counts (count likelihoods).
+    fraction : float in (0, 1), default=0.1
+    size_factors : array-like of shape (n_samples,), default=None
+    n_draws : int, default=100
+        Posterior draws for the predictive density.
+    random_state : int, default=0
+        Seeds the split and the scoring draws.
+
+    Returns
+    -------
+    score : float
+        Mean held-out log predictive density per held-out entry.
+    fitted : SparseFactorAnalysis
+        The clone fitted to the training part.
+    """
+    if method not in ("mask", "thin"):
+        raise ValueError(f"method must be 'mask' or 'thin', got {method!r}")
+    fitted = clone(estimator)
+    s = None if size_factors is None else np.asarray(size_factors, dtype=np.float64)
+    if method == "mask":
+        x_train, heldout = mask_entries(X, fraction, random_state)
+        fitted.fit(x_train, size_factors=s)
+        score = heldout_log_likelihood(
+            fitted,
+            _dense(X),
+            entries=heldout,
+            size_factors=s,
+            n_draws=n_draws,
+            random_state=random_state,
+        )
+    else:
+        x_train, x_test = thin_counts(X, fraction, random_state)
+        fitted.fit(x_train, size_factors=s)
+        base = np.ones(x_test.shape[0]) if s is None else s
+        score = heldout_log_likelihood(
+            fitted,
+            x_test,
+            size_factors=base * fraction / (1.0 - fraction),
+            n_draws=n_draws,
+            random_state=random_state,
+        )
+    return score, fitted

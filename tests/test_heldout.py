@@ -1,0 +1,102 @@
+"""Held-out splits, the posterior predictive score, and choosing k with it."""
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy import stats
+from scipy.special import logsumexp
+from sklearn.exceptions import ConvergenceWarning
+
+from spfa import SparseFactorAnalysis
+from spfa.heldout import heldout_log_likelihood, heldout_score, mask_entries, thin_counts
+from spfa.simulate import simulate
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return simulate("poisson", n=150, p=200, pi0=(0.5, 0.6, 0.7), slab_sd=(1.0, 1.0, 1.0), seed=3)
+
+
+def test_mask_entries(rng):
+    x = rng.poisson(2.0, size=(50, 40)).astype(float)
+    x[0, 0] = np.nan
+    train, heldout = mask_entries(x, 0.2, random_state=0)
+    assert not heldout[0, 0]
+    assert np.all(np.isnan(train[heldout])) and abs(heldout.mean() - 0.2) < 0.03
+    keep = ~heldout & ~np.isnan(x)
+    np.testing.assert_array_equal(train[keep], x[keep])
+    with pytest.raises(ValueError, match="fraction"):
+        mask_entries(x, 1.0)
+
+
+def test_thin_counts_splits_each_count_binomially(rng):
+    x = rng.poisson(5.0, size=(200, 100)).astype(float)
+    train, test = thin_counts(x, 0.3, random_state=1)
+    np.testing.assert_array_equal(train + test, x)
+    assert train.min() >= 0 and test.min() >= 0
+    assert abs(test.sum() / x.sum() - 0.3) < 0.01
+    xs = sp.random(
+        300,
+        80,
+        density=0.05,
+        format="csr",
+        random_state=2,
+        data_rvs=lambda k: rng.integers(1, 9, k),
+    )
+    train_s, test_s = thin_counts(xs, 0.5, random_state=3)
+    assert sp.issparse(train_s) and sp.issparse(test_s)
+    assert abs(train_s + test_s - xs).max() == 0
+    with pytest.raises(ValueError, match="integer"):
+        thin_counts(x + 0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        thin_counts(np.array([[1.0, np.nan]]))
+
+
+def test_heldout_log_likelihood_matches_scipy_monte_carlo(sim):
+    x_train, heldout = mask_entries(sim.x, 0.1, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = SparseFactorAnalysis(3, max_iter=300, random_state=0, device="cpu").fit(x_train)
+    ours = heldout_log_likelihood(est, sim.x, entries=heldout, n_draws=400)
+    # independent path: numpy draws of L, F, b from the summaries, scipy log-pmf
+    rng = np.random.default_rng(5)
+    S = 400
+    L = est.loadings_posterior().sample(S, rng)
+    F = est.factors_posterior().sample(S, rng)
+    state = est._state
+    b = state["intercept.mean"].double().numpy() + np.exp(
+        0.5 * state["intercept.log_var"].double().numpy()
+    ) * rng.standard_normal((S, 1, sim.x.shape[1]))
+    eta = np.einsum("snk,spk->snp", L, F) + b
+    mu = np.logaddexp(0.0, eta)  # softplus
+    logpmf = stats.poisson.logpmf(sim.x[None], mu)
+    ref = (logsumexp(logpmf, axis=0) - np.log(S))[heldout].mean()
+    assert abs(ours - ref) < 0.01 * abs(ref)
+    with pytest.raises(ValueError, match="training rows"):
+        heldout_log_likelihood(est, sim.x[:10])
+    with pytest.raises(ValueError, match="NaN"):
+        heldout_log_likelihood(est, x_train, entries=heldout)
+
+
+@pytest.mark.parametrize("method", ["mask", "thin"])
+def test_heldout_score_picks_the_planted_number_of_factors(sim, method):
+    """Rank 3 planted: the held-out score rises up to k = 3 and is flat after it
+    (the extra factors are pruned), so the smallest k within a tenth of the
+    gain over k = 1 of the best is 3."""
+    scores, kept = {}, {}
+    for k in (1, 2, 3, 5):
+        est = SparseFactorAnalysis(k, random_state=0, device="cpu")
+        scores[k], fitted = heldout_score(est, sim.x, method=method, fraction=0.2)
+        kept[k] = fitted.n_effective_components_
+    assert scores[1] < scores[2] < scores[3]
+    best = max(scores.values())
+    chosen = min(k for k, v in scores.items() if v >= best - 0.1 * (best - scores[1]))
+    assert chosen == 3, scores
+    assert kept[5] == 3
+
+
+def test_heldout_score_rejects_unknown_method(sim):
+    with pytest.raises(ValueError, match="method"):
+        heldout_score(SparseFactorAnalysis(2), sim.x, method="bootstrap")
