@@ -26,6 +26,7 @@ from .initialization import PIP_INIT, initialize
 from .likelihoods import get_likelihood
 from .model import SparseFactorModel
 from .monitor import Monitor
+from .persistence import load_estimator, save_estimator
 from .posterior import PointNormalPosterior
 from .training import train
 
@@ -684,6 +685,42 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                     mean = mean * s[:, None]
                 out[d] = model.likelihood.sample(mean, data_rng)
         return out
+
+    def save(self, path) -> None:
+        """Save the fitted estimator to ``path``, in a format that runs no code on load.
+
+        The file holds tensors, numbers and JSON only: the parameters, the
+        fitted attributes (feature names and history included), the model
+        state, and the spfa and file-format versions (see
+        :mod:`spfa.persistence`). Read it with :meth:`load`. Pickling also works,
+        but a pickle can execute code when loaded: share saved files instead.
+        """
+        check_is_fitted(self)
+        save_estimator(self, path)
+
+    @classmethod
+    def load(cls, path, *, device="cpu"):
+        """Load an estimator written by :meth:`save`.
+
+        Parameters
+        ----------
+        path : str or path
+        device : {"cpu", "cuda", "auto", ...}, default="cpu"
+            Where later ``transform`` / ``score`` calls run; a model fitted on
+            a GPU loads on a CPU-only machine.
+
+        Returns
+        -------
+        SparseFactorAnalysis
+
+        Raises
+        ------
+        ValueError
+            If the file is corrupt, not an spfa model, written by a newer file
+            format, or holds anything but tensors and plain data (a file
+            crafted to run code on load is refused, not run).
+        """
+        return load_estimator(cls, path, device=device)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -1,0 +1,171 @@
+"""Save and load fitted estimators in a format that cannot run code on load.
+
+A file is one ``torch.save`` archive of a plain dictionary holding only
+tensors, strings and numbers, read back with ``torch.load(weights_only=True)``,
+whose restricted unpickler refuses any other object (so a crafted file cannot
+execute code). Its entries:
+
+* ``format``: ``"spfa"``; ``format_version``: an integer bumped whenever the
+  layout changes; ``spfa_version`` and ``torch_version`` of the writer;
+* ``params``: the constructor arguments, as JSON;
+* ``attributes``: the fitted scalars, strings, feature names and history, as JSON;
+* ``arrays``: the fitted numpy arrays, as CPU tensors (dtype kept);
+* ``state``: the torch module's parameters and buffers, as CPU tensors.
+
+Tensors are always stored on the CPU, so a model fitted on a GPU loads on a
+machine without one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["FORMAT_VERSION", "save_estimator", "load_estimator"]
+
+FORMAT_VERSION = 1
+_MAGIC = "spfa"
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _encode_params(estimator) -> dict:
+    params = estimator.get_params(deep=False)
+    for name in ("likelihood", "link"):
+        if not isinstance(params[name], str):
+            raise ValueError(
+                f"cannot save an estimator whose {name} is a {type(params[name]).__name__} "
+                "instance: only registered names are stored (a custom class would have to be "
+                "imported, i.e. run, on load); register it and pass its name"
+            )
+    rs = params["random_state"]
+    if not (rs is None or isinstance(rs, (int, np.integer))):
+        params["random_state"] = None  # a RandomState's stream is not stored
+    elif rs is not None:
+        params["random_state"] = int(rs)
+    if params["log_dir"] is not None:
+        params["log_dir"] = str(params["log_dir"])
+    params["device"] = str(params["device"])
+    return params
+
+
+def _encode_attributes(estimator) -> tuple[dict, dict]:
+    """Split the fitted attributes into JSON-able values and arrays."""
+    meta, arrays = {}, {}
+    for name, value in vars(estimator).items():
+        if not name.endswith("_") or name.startswith("__"):
+            continue
+        if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+            arrays[name] = torch.from_numpy(np.ascontiguousarray(value))
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "OU":
+            meta[name] = {"strings": [str(v) for v in value]}
+        elif isinstance(value, torch.device):
+            meta[name] = {"device": str(value)}
+        elif isinstance(value, (np.floating, np.integer, np.bool_)):
+            meta[name] = {"value": value.item()}
+        elif value is None or isinstance(value, (bool, int, float, str, dict, list)):
+            meta[name] = {"value": value}
+        else:
+            raise ValueError(f"cannot save attribute {name} of type {type(value).__name__}")
+    return meta, arrays
+
+
+def save_estimator(estimator, path) -> None:
+    """Write a fitted estimator to ``path`` (see the module docstring).
+
+    The file is written to a temporary name and moved into place, so an
+    interrupted save never leaves a truncated file under ``path``.
+    """
+    payload = {
+        "format": _MAGIC,
+        "format_version": FORMAT_VERSION,
+        "spfa_version": _version(),
+        "torch_version": str(torch.__version__),
+        "params": json.dumps(_encode_params(estimator)),
+    }
+    meta, arrays = _encode_attributes(estimator)
+    payload["attributes"] = json.dumps(meta)
+    payload["arrays"] = arrays
+    payload["state"] = {k: v.detach().cpu().clone() for k, v in estimator._state.items()}
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read(path) -> dict:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to parse means the same thing
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{path} is not a readable spfa model: the file is corrupt, truncated, not written "
+            f"by SparseFactorAnalysis.save, or holds objects that are not allowed ({reason})"
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != _MAGIC:
+        raise ValueError(f"{path} is not an spfa model file (no 'format': 'spfa' entry)")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was written by spfa {payload.get('spfa_version')} in file format "
+            f"{version!r}; this spfa ({_version()}) reads formats up to {FORMAT_VERSION}. "
+            "Upgrade spfa to load it."
+        )
+    missing = {"params", "attributes", "arrays", "state"} - set(payload)
+    if missing:
+        raise ValueError(f"{path} is an incomplete spfa model file: no {sorted(missing)}")
+    return payload
+
+
+def load_estimator(cls, path, device="cpu"):
+    """Read an estimator written by :func:`save_estimator`; see ``cls.load``."""
+    from ._validation import resolve_device
+
+    payload = _read(path)
+    try:
+        params = json.loads(payload["params"])
+        meta = json.loads(payload["attributes"])
+    except (TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: corrupt metadata ({err})") from err
+    unknown = set(params) - set(cls().get_params(deep=False))
+    if unknown:
+        raise ValueError(
+            f"{path} has parameters {sorted(unknown)} that this spfa ({_version()}) does not "
+            f"know; it was written by spfa {payload.get('spfa_version')}"
+        )
+    target = resolve_device(device)
+    params["device"] = str(target)
+    estimator = cls(**params)
+    for name, entry in meta.items():
+        if "strings" in entry:
+            value = np.asarray(entry["strings"], dtype=object)
+        elif "device" in entry:
+            value = target
+        else:
+            value = entry["value"]
+        setattr(estimator, name, value)
+    for name, tensor in payload["arrays"].items():
+        setattr(estimator, name, tensor.numpy())
+    estimator._state = dict(payload["state"])
+    estimator._n_features_out = estimator.n_components
+    try:
+        estimator._training_model()
+    except (KeyError, RuntimeError, AssertionError, AttributeError, TypeError) as err:
+        raise ValueError(f"{path}: the stored model is inconsistent ({err})") from err
+    return estimator

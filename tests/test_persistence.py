@@ -1,0 +1,174 @@
+"""save / load: exact round trip, fresh process, refusal of unsafe or broken files."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+from spfa import SparseFactorAnalysis
+from spfa.persistence import FORMAT_VERSION
+from spfa.simulate import simulate
+
+GENES = [f"gene{j}" for j in range(40)]
+
+
+def _fit(likelihood="negative_binomial", **kw):
+    sim = simulate(likelihood, n=60, p=40, pi0=(0.3, 0.8), slab_sd=(1.0, 1.0), seed=3)
+    X = pd.DataFrame(sim.x, columns=GENES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = SparseFactorAnalysis(
+            3, likelihood=likelihood, max_iter=200, random_state=0, **kw
+        ).fit(X, size_factors=np.linspace(0.5, 2, 60) if likelihood != "gaussian" else None)
+    return est, X
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return _fit()
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "poisson", "negative_binomial"])
+def test_round_trip_keeps_everything(tmp_path, likelihood):
+    est, X = _fit(likelihood)
+    est.save(tmp_path / "fit.spfa")
+    back = SparseFactorAnalysis.load(tmp_path / "fit.spfa")
+    assert back.get_params() == {**est.get_params(), "device": "cpu"}
+    for name, value in vars(est).items():
+        if name.endswith("_") and isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(getattr(back, name), value, err_msg=name)
+    assert back.history_ == est.history_
+    assert back.elbo_ == est.elbo_ and back.n_iter_ == est.n_iter_
+    np.testing.assert_array_equal(back.get_feature_names_out(), est.get_feature_names_out())
+    np.testing.assert_array_equal(back.transform(X.iloc[:8]), est.transform(X.iloc[:8]))
+    assert back.score(X.iloc[:8]) == est.score(X.iloc[:8])
+
+
+def test_fresh_process_gives_identical_transform(tmp_path, fitted):
+    est, X = fitted
+    est.save(tmp_path / "fit.spfa")
+    X.iloc[:10].to_csv(tmp_path / "rows.csv", index=False)
+    expected = est.transform(X.iloc[:10])
+    code = (
+        "import numpy as np, pandas as pd, sys\n"
+        "from spfa import SparseFactorAnalysis\n"
+        "est = SparseFactorAnalysis.load(sys.argv[1])\n"
+        "np.save(sys.argv[3], est.transform(pd.read_csv(sys.argv[2])))\n"
+    )
+    out = tmp_path / "z.npy"
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "fit.spfa"), str(tmp_path / "rows.csv"), out],
+        check=True,
+    )
+    np.testing.assert_array_equal(np.load(out), expected)
+
+
+class _RunsCode:
+    """Unpickling this calls os.mkdir(marker): what a malicious file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_file_crafted_to_run_code_is_refused_not_run(tmp_path, fitted):
+    marker = tmp_path / "pwned"
+    torch.save({"format": "spfa", "payload": _RunsCode(str(marker))}, tmp_path / "evil.spfa")
+    with pytest.raises(ValueError, match="not a readable spfa model"):
+        SparseFactorAnalysis.load(tmp_path / "evil.spfa")
+    assert not marker.exists()
+    # the same object pickled plainly (not a torch archive) is refused too
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(_RunsCode(str(marker))))
+    with pytest.raises(ValueError, match="not a readable spfa model"):
+        SparseFactorAnalysis.load(tmp_path / "evil.pkl")
+    assert not marker.exists()
+
+
+def test_corrupt_truncated_and_foreign_files(tmp_path, fitted):
+    est, _ = fitted
+    est.save(tmp_path / "fit.spfa")
+    data = (tmp_path / "fit.spfa").read_bytes()
+    (tmp_path / "short.spfa").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt, truncated"):
+        SparseFactorAnalysis.load(tmp_path / "short.spfa")
+    (tmp_path / "text.spfa").write_text("hello")
+    with pytest.raises(ValueError, match="not a readable spfa model"):
+        SparseFactorAnalysis.load(tmp_path / "text.spfa")
+    torch.save({"weights": torch.ones(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an spfa model file"):
+        SparseFactorAnalysis.load(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError):
+        SparseFactorAnalysis.load(tmp_path / "missing.spfa")
+
+
+def _edit(path, out, **changes):
+    payload = torch.load(path, weights_only=True)
+    payload.update(changes)
+    torch.save(payload, out)
+
+
+def test_incompatible_files(tmp_path, fitted):
+    est, _ = fitted
+    est.save(tmp_path / "fit.spfa")
+    _edit(tmp_path / "fit.spfa", tmp_path / "future.spfa", format_version=FORMAT_VERSION + 1)
+    with pytest.raises(ValueError, match="reads formats up to"):
+        SparseFactorAnalysis.load(tmp_path / "future.spfa")
+    params = json.loads(torch.load(tmp_path / "fit.spfa", weights_only=True)["params"])
+    _edit(
+        tmp_path / "fit.spfa",
+        tmp_path / "param.spfa",
+        params=json.dumps({**params, "warp_drive": 1}),
+    )
+    with pytest.raises(ValueError, match="warp_drive"):
+        SparseFactorAnalysis.load(tmp_path / "param.spfa")
+    state = dict(torch.load(tmp_path / "fit.spfa", weights_only=True)["state"])
+    state["factors.mean"] = state["factors.mean"][:5]
+    _edit(tmp_path / "fit.spfa", tmp_path / "shape.spfa", state=state)
+    with pytest.raises(ValueError, match="inconsistent"):
+        SparseFactorAnalysis.load(tmp_path / "shape.spfa")
+    _edit(tmp_path / "fit.spfa", tmp_path / "meta.spfa", attributes="{not json")
+    with pytest.raises(ValueError, match="corrupt metadata"):
+        SparseFactorAnalysis.load(tmp_path / "meta.spfa")
+
+
+def test_save_refuses_custom_likelihood_and_unfitted(tmp_path):
+    from sklearn.exceptions import NotFittedError
+
+    from spfa.likelihoods import Poisson
+
+    with pytest.raises(NotFittedError):
+        SparseFactorAnalysis().save(tmp_path / "x.spfa")
+    est = SparseFactorAnalysis(1, likelihood=Poisson(), max_iter=50, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(np.random.default_rng(0).poisson(1.0, (20, 10)))
+    with pytest.raises(ValueError, match="registered names"):
+        est.save(tmp_path / "x.spfa")
+    assert not (tmp_path / "x.spfa").exists()
+
+
+def test_pickle_still_works(fitted):
+    est, X = fitted
+    back = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(back.transform(X.iloc[:5]), est.transform(X.iloc[:5]))
+
+
+@pytest.mark.cuda
+def test_gpu_fit_loads_on_cpu(tmp_path):
+    est, X = _fit(device="cuda")
+    est.save(tmp_path / "gpu.spfa")
+    back = SparseFactorAnalysis.load(tmp_path / "gpu.spfa", device="cpu")
+    assert back.device_.type == "cpu"
+    np.testing.assert_allclose(back.components_, est.components_)
+    z_gpu, z_cpu = est.transform(X.iloc[:5]), back.transform(X.iloc[:5])
+    np.testing.assert_allclose(z_cpu, z_gpu, atol=1e-3)
