@@ -61,7 +61,8 @@ def check_counts_data(estimator, X, *, reset: bool, count: bool):
         accept_sparse=("csr", "csc", "coo"),
         dtype=(np.float64, np.float32),
         ensure_all_finite="allow-nan",
-        ensure_min_samples=1,
+        # fitting needs two rows (one row has no variance to fit); new rows may come singly
+        ensure_min_samples=2 if reset else 1,
         ensure_min_features=1,
     )
     # Only the stored values need checking: implicit zeros of a sparse matrix are

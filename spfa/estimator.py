@@ -98,10 +98,29 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         Learned prior inclusion probability per factor.
     loadings_prior_scale_, factors_prior_scale_ : ndarray of shape (n_components,)
         Learned prior slab standard deviation per factor.
+    loadings_sd_, factors_sd_ : ndarray of shape (n_samples | n_features, n_components)
+        Posterior standard deviations (of the point-normal mixture).
+    loadings_lfsr_, factors_lfsr_ : ndarray of shape (n_samples | n_features, n_components)
+        Local false sign rates: the posterior probability that the entry's
+        sign is not that of its posterior mean (the point mass counts as
+        wrong). Credible intervals: :meth:`factors_posterior`,
+        :meth:`loadings_posterior`.
     active_components_ : ndarray of bool, shape (n_components,)
         False for a factor pruned after training: removing it did not lower
         the ELBO, so empirical Bayes set its ``pi`` to 0 (its loadings,
-        factors, PIPs and prior ``pi`` are reported as exactly 0).
+        factors, PIPs and prior ``pi`` are reported as exactly 0). Pruned
+        factors come last.
+    n_effective_components_ : int
+        Number of factors kept (``active_components_.sum()``).
+    elbo_contribution_ : ndarray of shape (n_components,)
+        ELBO lost (nats) when the factor alone is switched off, the others as
+        fitted; 0 for a pruned factor. Factors are ordered by it, largest
+        first. The per-window priors in ``history_`` follow this order; the
+        TensorBoard ``prior/...`` tags keep the order of training.
+    explained_variance_ratio_ : ndarray of shape (n_components,)
+        Gaussian only: the observed variance of the feature-centred term
+        ``E[l_k] E[f_k]^T`` over that of ``X`` (terms are not orthogonal, so
+        the ratios need not add up to at most 1).
     noise_variance_ : ndarray of shape (n_features,)
         Gaussian likelihood only.
     dispersion_, inverse_dispersion_ : ndarray of shape (n_features,)
@@ -375,6 +394,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             trial = elbo()
             if np.isfinite(trial) and trial >= best:
                 best = trial
+                if self.verbose:
+                    print(f"pruned factor {k}: the ELBO is no lower without it")
             else:
                 self._switch(model, k, True)
 

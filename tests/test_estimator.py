@@ -414,3 +414,10 @@ def test_sample_counts_respect_size_factors(counts):
     np.testing.assert_allclose(ratio, s, rtol=0.15)
     with pytest.raises(ValueError, match="size_factors"):
         est.sample(1, size_factors=np.ones(3))
+
+
+def test_one_row_cannot_be_fitted_but_can_be_transformed(fitted, counts):
+    # one row has no variance to fit (the Gaussian start was NaN before this check)
+    with pytest.raises(ValueError, match="1 sample"):
+        SparseFactorAnalysis(1, likelihood="gaussian").fit(np.ones((1, 5)))
+    assert fitted.transform(counts[:1]).shape == (1, 2)
