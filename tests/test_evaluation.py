@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from spfa.evaluation import calibration, match_factors, relative_error, support_recovery
+from spfa.evaluation import (
+    calibration,
+    match_factors,
+    posterior_checks,
+    relative_error,
+    support_recovery,
+    truth_in_estimate_gauge,
+)
 from spfa.simulate import simulate
 
 
@@ -59,3 +66,30 @@ def test_calibration_of_calibrated_and_overconfident_pips():
 def test_relative_error():
     assert relative_error([3.0, 4.0], [3.0, 4.0]) == 0.0
     assert relative_error([0.0, 0.0], [3.0, 4.0]) == 1.0
+
+
+def test_truth_in_estimate_gauge_undoes_order_sign_and_scale(rng):
+    L, F = rng.normal(size=(30, 3)), rng.normal(size=(40, 3))
+    perm, sign, scale = np.array([2, 0, 1]), np.array([1.0, -1.0, 1.0]), np.array([3.0, 0.5, 2.0])
+    # estimate: permuted, sign-flipped, scale moved from F to L, plus an extra empty factor
+    est_l = np.zeros((30, 4))
+    est_f = np.zeros((40, 4))
+    est_l[:, perm] = L * sign * scale
+    est_f[:, perm] = F * sign / scale
+    est_l[:, 3], est_f[:, 3] = 0.0, 0.0
+    match = match_factors(est_l, est_f, L, F)
+    true_l, true_f = truth_in_estimate_gauge(match, est_l, est_f, L, F)
+    np.testing.assert_allclose(true_l, est_l, atol=1e-12)
+    np.testing.assert_allclose(true_f, est_f, atol=1e-12)
+
+
+def test_posterior_checks_counts_coverage_and_signs():
+    from spfa.posterior import PointNormalPosterior
+
+    post = PointNormalPosterior([[1.0, 1.0, 0.0, 1.0]], [[5.0, -5.0, 0.0, 5.0]], [[1.0] * 4])
+    truth = np.array([[5.5, 4.0, 0.0, 0.0]])
+    out = posterior_checks(post, truth, level=0.95)
+    # inside: 5.5 in [3.04, 6.96]; 4.0 not in [-6.96, -3.04]; 0 in the point mass; 0 not in slab
+    assert out["coverage"] == 0.5 and out["coverage_zero"] == 0.5 and out["coverage_nonzero"] == 0.5
+    # confident: entries 0, 1, 3; right sign only for entry 0 (a true zero counts as wrong)
+    assert out["n_confident"] == 3 and out["sign_accuracy"] == 1 / 3

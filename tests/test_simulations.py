@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "simulations"))
 
 import benchmark  # noqa: E402
+import choose_k  # noqa: E402
 import sanity_checks  # noqa: E402
 
 import figures  # noqa: E402
@@ -32,6 +33,9 @@ def test_sanity_benchmark_and_figures_smoke(tmp_path, capsys):
         assert own["error"] < svd["error"]
         assert own["loadings_ap"] > svd["loadings_ap"] and own["factors_ap"] > svd["factors_ap"]
         assert sum(summary[design]["own"]["calibration"]["count"]) == 3 * (100 + 500)
+        posterior = summary[design]["own"]["posterior"]
+        assert 0.5 < posterior["coverage"] <= 1 and 0 <= posterior["sign_accuracy"] <= 1
+    assert "credible intervals and lfsr" in out
 
     rows = benchmark.main(
         ["--n-reps", "1", "--seed", "7", "--out", str(bench), "--designs", "gaussian"]
@@ -71,3 +75,10 @@ def test_missing_optional_peer_is_reported(monkeypatch):
         "mofa+", benchmark.PEERS["mofa+"], sim, sim.x, np.zeros(sim.x.shape, bool), 2, 0, 10
     )
     assert row["status"] == "not installed" and "mofapy2" in row["note"]
+
+
+def test_choose_k_smoke(capsys):
+    rows = choose_k.main(["--ks", "1", "3"])
+    assert [(m, k) for m, k, _, _ in rows] == [("mask", 1), ("mask", 3), ("thin", 1), ("thin", 3)]
+    assert all(kept <= k for _, k, _, kept in rows)
+    assert "held-out loglik" in capsys.readouterr().out
