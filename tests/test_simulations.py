@@ -33,7 +33,7 @@ def test_sanity_benchmark_and_figures_smoke(tmp_path, capsys):
         assert own["error"] < svd["error"]
         assert own["loadings_ap"] > svd["loadings_ap"] and own["factors_ap"] > svd["factors_ap"]
         assert sum(summary[design]["own"]["calibration"]["count"]) == 3 * (100 + 500)
-        posterior = summary[design]["own"]["posterior"]
+        posterior = summary[design]["own"]["posterior"]["all"]
         assert 0.5 < posterior["coverage"] <= 1 and 0 <= posterior["sign_accuracy"] <= 1
     assert "credible intervals and lfsr" in out
 
