@@ -659,7 +659,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         ``q(L)`` of the rows of ``X`` is fitted as in :meth:`transform`; the ELBO
         counts their expected log-likelihood, their loadings' KL and the
         factors' KL, estimated with 32 fixed-seed Monte Carlo draws
-        (``N_SCORE_SAMPLES``).
+        (``N_SCORE_SAMPLES``). To score entries held out of the training
+        rows, use :mod:`spfa.heldout`.
         """
         model, (xt, maskt, log_s, n_obs), _ = self._fit_loadings(X, size_factors)
         gen = self._generator(0)

@@ -154,8 +154,9 @@ def heldout_log_likelihood(
     s = check_size_factors(size_factors, n)
     device = estimator.device_
     xt = torch.as_tensor(np.where(entries, x, 0.0), dtype=torch.float32, device=device)
-    log_s = None if s is None else torch.as_tensor(np.log(s)[:, None], dtype=torch.float32)
-    log_s = None if log_s is None else log_s.to(device)
+    log_s = None
+    if s is not None:
+        log_s = torch.as_tensor(np.log(s)[:, None], dtype=torch.float32, device=device)
     gen = estimator._generator(int(check_random_state(random_state).randint(2**31 - 1)))
     with torch.no_grad():
         running = None
