@@ -49,6 +49,7 @@ from spfa.evaluation import (
     support_recovery,
     truth_in_estimate_gauge,
 )
+from spfa.posterior import PointNormalPosterior
 from spfa.simulate import SANITY_PI0, SANITY_SLAB_SD, simulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -102,7 +103,24 @@ def evaluate(fit, sim) -> tuple[dict, object]:
             ("factors", est.factors_posterior(), true_f),
         ):
             out[f"{side}_posterior"] = posterior_checks(post, truth, level=LEVEL)
+            out[f"{side}_posterior_by_factor"] = [
+                posterior_checks(
+                    PointNormalPosterior(
+                        post.pip[:, [e]], post.slab_mean[:, [e]], post.slab_sd[:, [e]]
+                    ),
+                    truth[:, [e]],
+                    level=LEVEL,
+                )
+                for e in match.order
+            ]
     return out, match
+
+
+def _weighted(checks, key, weight) -> float:
+    w = np.array([c[weight] for c in checks], float)
+    v = np.array([c[key] for c in checks], float)
+    ok = w > 0
+    return float(np.sum(v[ok] * w[ok]) / np.sum(w[ok])) if ok.any() else float("nan")
 
 
 def _pool_posterior(rows) -> dict:
@@ -198,6 +216,17 @@ def _summarise(rows, pooled, designs):
                 entry[start]["calibration_max_gap"] = cal.max_gap(50)
                 entry[start]["posterior"] = _pool_posterior(rs)
                 entry[start]["active"] = np.mean([r["active"] for r in rs], axis=0).tolist()
+                entry[start]["coverage_nonzero_by_factor"] = {
+                    side[0].upper(): [
+                        _weighted(
+                            [r[f"{side}_posterior_by_factor"][t] for r in rs],
+                            "coverage_nonzero",
+                            "n_nonzero",
+                        )
+                        for t in range(K)
+                    ]
+                    for side in ("loadings", "factors")
+                }
         summary[design] = entry
     return summary
 
@@ -252,9 +281,17 @@ def _print_posterior(summary):
         "\n posterior, split by whether the true entry is non-zero; sign ok: share of the entries"
         "\n with lfsr < 0.05 whose sign is the true one, a true zero counting as wrong)"
     )
-    print("\n== factors kept after pruning (share of replicates, true-factor order) ==")
+    print(
+        "\n== factors kept after pruning (share of replicates) and coverage of the non-zero"
+        "\n   entries of each true factor (true-factor order) =="
+    )
     for design, entry in summary.items():
-        print(f"{design:<21} {np.round(entry['own']['active'], 2)}")
+        e = entry["own"]
+        by = e["coverage_nonzero_by_factor"]
+        print(
+            f"{design:<21} kept {np.round(e['active'], 2)}  "
+            f"L {np.round(by['L'], 2)}  F {np.round(by['F'], 2)}"
+        )
 
 
 def main(argv=None):
