@@ -36,6 +36,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,19 @@ def evaluate(fit, sim) -> tuple[dict, object]:
                 )
                 for e in match.order
             ]
+            # interval width against actual error on each true factor's non-zero entries
+            out[f"{side}_sd_vs_error"] = [
+                _sd_vs_error(post.sd[:, e], post.mean[:, e], truth[:, e]) for e in match.order
+            ]
     return out, match
+
+
+def _sd_vs_error(sd, mean, truth) -> list[float]:
+    """``[RMS posterior sd, RMS error]`` over the true non-zero entries (nan if none)."""
+    nz = truth != 0
+    if not nz.any():
+        return [float("nan"), float("nan")]
+    return [float(np.sqrt(np.mean(sd[nz] ** 2))), float(np.sqrt(np.mean((mean - truth)[nz] ** 2)))]
 
 
 def _weighted(checks, key, weight) -> float:
@@ -227,6 +240,14 @@ def _summarise(rows, pooled, designs):
                     ]
                     for side in ("loadings", "factors")
                 }
+                with warnings.catch_warnings():  # a factor with no non-zero entries: nan
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    entry[start]["sd_vs_error"] = {
+                        side[0].upper(): np.nanmean(
+                            [r[f"{side}_sd_vs_error"] for r in rs], axis=0
+                        ).tolist()
+                        for side in ("loadings", "factors")
+                    }
         summary[design] = entry
     return summary
 
@@ -292,6 +313,16 @@ def _print_posterior(summary):
             f"{design:<21} kept {np.round(e['active'], 2)}  "
             f"L {np.round(by['L'], 2)}  F {np.round(by['F'], 2)}"
         )
+    print(
+        "\n== RMS posterior sd / RMS error of the non-zero entries, per true factor"
+        "\n   (mean over replicates; sd below error: intervals too narrow) =="
+    )
+    for design, entry in summary.items():
+        parts = []
+        for side in ("L", "F"):
+            sd, err = np.array(entry["own"]["sd_vs_error"][side]).T
+            parts.append(f"{side} {np.round(sd, 2)} / {np.round(err, 2)}")
+        print(f"{design:<21} " + "   ".join(parts))
 
 
 def main(argv=None):
