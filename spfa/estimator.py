@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import numpy as np
@@ -547,6 +548,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         count = np.maximum(obs.sum(0), 1.0)
         total = ((x - (x * obs).sum(0) / count) ** 2 * obs).sum()
         ratio = np.zeros(self.n_components)
+        if total == 0:  # constant features: nothing to explain
+            return ratio
         for k in range(self.n_components):
             term = np.outer(self.loadings_[:, k], self.components_[k])
             ratio[k] = ((term - (term * obs).sum(0) / count) ** 2 * obs).sum() / total
@@ -606,7 +609,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         """
         check_is_fitted(self)
         n_top = check_positive_int(n_top, "n_top")
-        if not (isinstance(min_pip, (int, float)) and 0 <= min_pip <= 1):
+        if not (isinstance(min_pip, numbers.Real) and 0 <= min_pip <= 1):
             raise ValueError(f"min_pip must lie in [0, 1], got {min_pip!r}")
         names = getattr(self, "feature_names_in_", None)
         if names is None:

@@ -30,6 +30,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._validation import check_positive_int, check_size_factors
+from .likelihoods import get_likelihood
 
 __all__ = ["mask_entries", "thin_counts", "heldout_log_likelihood", "heldout_score"]
 
@@ -104,7 +105,12 @@ def thin_counts(X, fraction=0.1, random_state=None):
     if values.size and (values.min() < 0 or not np.all(values == np.round(values))):
         raise ValueError("thin_counts needs non-negative integer counts")
     values[...] = rng.binomial(values.astype(np.int64), fraction)
-    train = (sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else _dense(X)) - test
+    if sp.issparse(test):
+        test.eliminate_zeros()
+        train = sp.csr_matrix(X, dtype=np.float64) - test
+        train.eliminate_zeros()
+    else:
+        train = _dense(X) - test
     return train, test
 
 
@@ -203,6 +209,8 @@ def heldout_score(
     """
     if method not in ("mask", "thin"):
         raise ValueError(f"method must be 'mask' or 'thin', got {method!r}")
+    if method == "thin" and not get_likelihood(estimator.likelihood, estimator.link).is_count:
+        raise ValueError("method='thin' splits counts; use method='mask' for a Gaussian fit")
     fitted = clone(estimator)
     s = None if size_factors is None else np.asarray(size_factors, dtype=np.float64)
     if method == "mask":

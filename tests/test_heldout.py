@@ -48,6 +48,7 @@ def test_thin_counts_splits_each_count_binomially(rng):
     train_s, test_s = thin_counts(xs, 0.5, random_state=3)
     assert sp.issparse(train_s) and sp.issparse(test_s)
     assert abs(train_s + test_s - xs).max() == 0
+    assert np.all(test_s.data > 0) and np.all(train_s.data > 0)  # no stored zeros
     with pytest.raises(ValueError, match="integer"):
         thin_counts(x + 0.5)
     with pytest.raises(ValueError, match="NaN"):
@@ -100,3 +101,5 @@ def test_heldout_score_picks_the_planted_number_of_factors(sim, method):
 def test_heldout_score_rejects_unknown_method(sim):
     with pytest.raises(ValueError, match="method"):
         heldout_score(SparseFactorAnalysis(2), sim.x, method="bootstrap")
+    with pytest.raises(ValueError, match="use method='mask'"):
+        heldout_score(SparseFactorAnalysis(2, likelihood="gaussian"), sim.x, method="thin")
