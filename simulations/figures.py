@@ -27,6 +27,7 @@ from spfa.plotting import (  # noqa: E402
     plot_accuracy_vs_time,
     plot_calibration,
     plot_elbo_trace,
+    plot_intervals,
     plot_support_curves,
     plot_truth_vs_estimate,
 )
@@ -55,6 +56,29 @@ def truth_vs_estimate(example, design, out):
     fig.savefig(out / f"truth_vs_estimate_{design}.png", dpi=DPI)
     plt.close(fig)
     print(f"wrote {out / f'truth_vs_estimate_{design}.png'}")
+
+
+def intervals(example, design, level, out):
+    """95 % intervals of L and F, one panel per true factor, for the first replicate."""
+    k = example["true_loadings"].shape[1]
+    fig, axes = plt.subplots(2, k, figsize=(3.0 * k, 5.0), layout="constrained", squeeze=False)
+    for row, side in enumerate(("loadings", "factors")):
+        for t in range(k):
+            ax = axes[row, t]
+            covered = plot_intervals(
+                ax,
+                example[f"gauged_true_{side}"][:, t],
+                example[f"{side}_mean"][:, t],
+                example[f"{side}_lower"][:, t],
+                example[f"{side}_upper"][:, t],
+            )
+            ax.set_title(f"{side[0].upper()}, factor {t + 1}: {covered:.0%} covered", fontsize=8)
+    fig.suptitle(
+        f"{design}, first replicate: {level:.0%} credible intervals (bars; red: miss the truth),"
+        "\nposterior mean (dots), truth in the fit's gauge (black ticks)",
+        fontsize=9,
+    )
+    _save(fig, out / f"intervals_{design}.png")
 
 
 def calibration(summary, n_reps, out):
@@ -133,6 +157,8 @@ def main(argv=None):
     example = sanity / "example_poisson.npz"
     if example.exists():
         elbo_trace(np.load(example), "poisson", out)
+        if "gauged_true_loadings" in np.load(example).files:
+            intervals(np.load(example), "poisson", results.get("level", 0.95), out)
     calibration(results["summary"], results["args"]["n_reps"], out)
     support_curves(np.load(sanity / "pooled.npz"), designs, out)
 

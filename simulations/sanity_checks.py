@@ -379,6 +379,22 @@ def main(argv=None):
                 )
                 if start == "own" and seed == args.seed:
                     est = fit.estimator
+                    gauged = truth_in_estimate_gauge(
+                        match, fit.loadings, fit.factors, sim.loadings, sim.factors
+                    )
+                    intervals = {}
+                    for side, post, truth in zip(
+                        ("loadings", "factors"),
+                        (est.loadings_posterior(), est.factors_posterior()),
+                        gauged,
+                        strict=True,
+                    ):
+                        lower, upper = post.interval(LEVEL)
+                        # in true-factor order, in the fit's sign and scale
+                        intervals[f"gauged_true_{side}"] = match.reorder(truth)
+                        intervals[f"{side}_mean"] = match.reorder(post.mean)
+                        intervals[f"{side}_lower"] = match.reorder(lower)
+                        intervals[f"{side}_upper"] = match.reorder(upper)
                     np.savez_compressed(
                         out / f"example_{design}.npz",
                         true_loadings=sim.loadings,
@@ -387,6 +403,7 @@ def main(argv=None):
                         factors=match.align(fit.factors),
                         loadings_pip=match.reorder(est.loadings_pip_),
                         factors_pip=match.reorder(est.factors_pip_),
+                        **intervals,
                         **{f"history_{k}": np.asarray(est.history_[k]) for k in est.history_},
                     )
 
@@ -427,7 +444,7 @@ def main(argv=None):
         out / "pooled.npz", **{k.replace("/", "__"): np.concatenate(v) for k, v in pooled.items()}
     )
     (out / "results.json").write_text(
-        json.dumps(dict(args=vars(args), rows=rows, summary=summary), indent=1)
+        json.dumps(dict(args=vars(args), level=LEVEL, rows=rows, summary=summary), indent=1)
     )
     print(f"\nwrote {out}/results.json, pooled.npz, example_*.npz, tensorboard/")
     return summary

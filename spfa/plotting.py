@@ -1,5 +1,5 @@
-"""Matplotlib views of a fit: truth against estimate, PIP calibration, ELBO trace,
-support-recovery curves, accuracy against time.
+"""Matplotlib views of a fit: truth against estimate, credible intervals, PIP
+calibration, ELBO trace, support-recovery curves, accuracy against time.
 
 Every function draws on the ``ax`` (or axes) it is given and returns it, so the
 views compose into any figure; this module never imports pyplot itself.
@@ -14,6 +14,7 @@ from .evaluation import Calibration
 
 __all__ = [
     "plot_truth_vs_estimate",
+    "plot_intervals",
     "plot_calibration",
     "plot_elbo_trace",
     "plot_support_curves",
@@ -130,3 +131,40 @@ def plot_accuracy_vs_time(ax, rows, metric="error"):
     ax.set_xlabel("wall time (s)")
     ax.set_ylabel(metric.replace("_", " "))
     return ax
+
+
+def plot_intervals(ax, truth, mean, lower, upper, max_points=150):
+    """Credible intervals of one column against the truth, sorted by the truth.
+
+    Each entry is a vertical bar from ``lower`` to ``upper`` with a dot at the
+    posterior ``mean``; the truth is a black tick. Bars that miss the truth
+    are red. At most ``max_points`` entries are drawn (the true non-zeros
+    first, then evenly spaced zeros).
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+    truth, mean, lower, upper : ndarray of shape (m,)
+
+    Returns
+    -------
+    float
+        Share of all ``m`` entries whose interval holds the truth.
+    """
+    truth, mean = np.asarray(truth, float), np.asarray(mean, float)
+    lower, upper = np.asarray(lower, float), np.asarray(upper, float)
+    inside = (lower <= truth) & (truth <= upper)
+    nonzero, zero = np.flatnonzero(truth != 0), np.flatnonzero(truth == 0)
+    room = max(max_points - nonzero.size, 0)
+    if zero.size > room:
+        zero = zero[np.linspace(0, zero.size - 1, room).astype(int)] if room else zero[:0]
+    shown = np.concatenate([nonzero, zero])[:max_points]
+    shown = shown[np.argsort(truth[shown], kind="stable")]
+    x = np.arange(shown.size)
+    colour = np.where(inside[shown], "tab:blue", "tab:red")
+    ax.vlines(x, lower[shown], upper[shown], colors=colour, lw=1.0)
+    ax.scatter(x, mean[shown], s=5, c=colour, zorder=3, lw=0)
+    ax.scatter(x, truth[shown], s=14, marker="_", c="k", zorder=4, lw=1.0)
+    ax.set_xticks([])
+    ax.set_xlabel("entries, sorted by the true value")
+    return float(inside.mean())

@@ -56,6 +56,7 @@ def test_sanity_benchmark_and_figures_smoke(tmp_path, capsys):
     assert {
         "truth_vs_estimate_gaussian.png",
         "truth_vs_estimate_poisson.png",
+        "intervals_poisson.png",
         "elbo_trace.png",
         "calibration.png",
         "support_recovery.png",
