@@ -96,13 +96,7 @@ def evaluate(fit, sim) -> tuple[dict, object]:
         out["n_iter"] = int(est.n_iter_)
         out["active"] = match.reorder(est.active_components_).astype(float).tolist()
         out["n_effective"] = int(est.n_effective_components_)
-        true_l, true_f = truth_in_estimate_gauge(
-            match, fit.loadings, fit.factors, sim.loadings, sim.factors
-        )
-        for side, post, truth in (
-            ("loadings", est.loadings_posterior(), true_l),
-            ("factors", est.factors_posterior(), true_f),
-        ):
+        for side, post, truth in _gauged_posteriors(fit, sim, match):
             out[f"{side}_posterior"] = posterior_checks(post, truth, level=LEVEL)
             out[f"{side}_posterior_by_factor"] = [
                 posterior_checks(
@@ -121,6 +115,18 @@ def evaluate(fit, sim) -> tuple[dict, object]:
     return out, match
 
 
+def _gauged_posteriors(fit, sim, match):
+    """``(side, posterior, truth in the fit's gauge)`` for the loadings and the factors."""
+    est = fit.estimator
+    true_l, true_f = truth_in_estimate_gauge(
+        match, fit.loadings, fit.factors, sim.loadings, sim.factors
+    )
+    return (
+        ("loadings", est.loadings_posterior(), true_l),
+        ("factors", est.factors_posterior(), true_f),
+    )
+
+
 def _sd_vs_error(sd, mean, truth) -> list[float]:
     """``[RMS posterior sd, RMS error]`` over the true non-zero entries (nan if none)."""
     nz = truth != 0
@@ -130,6 +136,7 @@ def _sd_vs_error(sd, mean, truth) -> list[float]:
 
 
 def _weighted(checks, key, weight) -> float:
+    """Mean of ``key`` over ``checks`` weighted by ``weight`` (``nan`` if all weights are 0)."""
     w = np.array([c[weight] for c in checks], float)
     v = np.array([c[key] for c in checks], float)
     ok = w > 0
@@ -145,18 +152,11 @@ def _pool_posterior(rows) -> dict:
         ("all", ("loadings", "factors")),
     ):
         checks = [r[f"{side}_posterior"] for r in rows for side in sides]
-
-        def pooled(key, weight, checks=checks):
-            w = np.array([weight(c) for c in checks], float)
-            v = np.array([c[key] for c in checks], float)
-            ok = w > 0
-            return float(np.sum(v[ok] * w[ok]) / np.sum(w[ok])) if ok.any() else float("nan")
-
         out[label] = {
-            "coverage": pooled("coverage", lambda c: c["n"]),
-            "coverage_nonzero": pooled("coverage_nonzero", lambda c: c["n_nonzero"]),
-            "coverage_zero": pooled("coverage_zero", lambda c: c["n"] - c["n_nonzero"]),
-            "sign_accuracy": pooled("sign_accuracy", lambda c: c["n_confident"]),
+            "coverage": _weighted(checks, "coverage", "n"),
+            "coverage_nonzero": _weighted(checks, "coverage_nonzero", "n_nonzero"),
+            "coverage_zero": _weighted(checks, "coverage_zero", "n_zero"),
+            "sign_accuracy": _weighted(checks, "sign_accuracy", "n_confident"),
             "n_confident": int(sum(c["n_confident"] for c in checks)),
         }
     return out
@@ -379,16 +379,8 @@ def main(argv=None):
                 )
                 if start == "own" and seed == args.seed:
                     est = fit.estimator
-                    gauged = truth_in_estimate_gauge(
-                        match, fit.loadings, fit.factors, sim.loadings, sim.factors
-                    )
                     intervals = {}
-                    for side, post, truth in zip(
-                        ("loadings", "factors"),
-                        (est.loadings_posterior(), est.factors_posterior()),
-                        gauged,
-                        strict=True,
-                    ):
+                    for side, post, truth in _gauged_posteriors(fit, sim, match):
                         lower, upper = post.interval(LEVEL)
                         # in true-factor order, in the fit's sign and scale
                         intervals[f"gauged_true_{side}"] = match.reorder(truth)

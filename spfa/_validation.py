@@ -11,6 +11,7 @@ import torch
 from sklearn.utils.validation import validate_data
 
 __all__ = [
+    "check_count_values",
     "check_counts_data",
     "check_size_factors",
     "resolve_device",
@@ -31,6 +32,22 @@ def check_positive_float(value, name: str, allow_zero: bool = False) -> float:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return float(value)
+
+
+def check_count_values(values: np.ndarray) -> None:
+    """ValueError unless every (observed) value is a non-negative integer."""
+    if not values.size:
+        return
+    if values.min() < 0:
+        raise ValueError(
+            "Negative values in data passed to a count likelihood: X has negative "
+            "values; counts must be non-negative integers"
+        )
+    if not np.all(values == np.round(values)):
+        raise ValueError(
+            "X has non-integer values; count likelihoods need integer counts "
+            "(use likelihood='gaussian' for continuous data)"
+        )
 
 
 def check_counts_data(estimator, X, *, reset: bool, count: bool):
@@ -70,17 +87,8 @@ def check_counts_data(estimator, X, *, reset: bool, count: bool):
     values = X.data if sp.issparse(X) else X
     missing = np.isnan(values)
     observed = values[~missing]
-    if count and observed.size:
-        if observed.min() < 0:
-            raise ValueError(
-                "Negative values in data passed to a count likelihood: X has negative "
-                "values; counts must be non-negative integers"
-            )
-        if not np.all(observed == np.round(observed)):
-            raise ValueError(
-                "X has non-integer values; count likelihoods need integer counts "
-                "(use likelihood='gaussian' for continuous data)"
-            )
+    if count:
+        check_count_values(observed)
     # TODO(issue 6): keep sparse input sparse; dense until minibatching lands.
     x = X.toarray() if sp.issparse(X) else np.array(X, dtype=np.float64, copy=True)
     x = x.astype(np.float64, copy=False)

@@ -544,7 +544,13 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
 
     def _explained_variance_ratio(self, x, mask) -> np.ndarray:
         """Gaussian: share of the observed variance of each feature-centred factor term."""
-        obs = np.ones_like(x) if mask is None else mask
+        if mask is None:
+            # centring l f^T per feature centres l: ||l - mean(l)||^2 ||f||^2, no n x p term
+            total = float(((x - x.mean(0)) ** 2).sum())
+            centred = self.loadings_ - self.loadings_.mean(0)
+            explained = (centred**2).sum(0) * (self.components_**2).sum(1)
+            return explained / total if total > 0 else np.zeros(self.n_components)
+        obs = mask
         count = np.maximum(obs.sum(0), 1.0)
         total = ((x - (x * obs).sum(0) / count) ** 2 * obs).sum()
         ratio = np.zeros(self.n_components)
@@ -584,20 +590,19 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         model, _, _ = self._fit_loadings(X, size_factors)
         return self._posterior(model.loadings)
 
-    def top_features(self, n_top=10, *, min_pip=0.5, include_pruned=False) -> list[dict]:
+    def top_features(self, n_top=10, *, min_pip=0.5) -> list[dict]:
         """The features that make up each factor, strongest first.
 
         Within each factor, the features with PIP at least ``min_pip`` are
         ranked by the size of their posterior mean effect ``|E[f_jk]|`` (which
         is PIP times slab mean, so it weighs confidence and size together).
+        Pruned factors have no features (their PIPs are 0).
 
         Parameters
         ----------
         n_top : int, default=10
             At most this many features per factor.
         min_pip : float in [0, 1], default=0.5
-        include_pruned : bool, default=False
-            Also list (empty) entries for pruned factors.
 
         Returns
         -------
@@ -617,15 +622,13 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         post = self.factors_posterior()
         mean, sd, lfsr = post.mean, post.sd, post.lfsr
         records = []
-        for k in range(self.n_components):
-            if not (self.active_components_[k] or include_pruned):
-                continue
-            keep = np.flatnonzero(post.pip[:, k] >= min_pip) if self.active_components_[k] else []
+        for k in np.flatnonzero(self.active_components_):
+            keep = np.flatnonzero(post.pip[:, k] >= min_pip)
             ranked = keep[np.argsort(-np.abs(mean[keep, k]), kind="stable")][:n_top]
             for rank, j in enumerate(ranked):
                 records.append(
                     {
-                        "component": k,
+                        "component": int(k),
                         "rank": rank,
                         "feature": str(names[j]),
                         "index": int(j),

@@ -261,7 +261,8 @@ def posterior_checks(posterior, truth, level: float = 0.95, lfsr_threshold: floa
     -------
     dict
         ``coverage`` (fraction of entries inside their interval), with
-        ``coverage_nonzero`` and ``coverage_zero`` split by the truth;
+        ``coverage_nonzero`` and ``coverage_zero`` split by the truth (with
+        the counts ``n``, ``n_nonzero``, ``n_zero``);
         ``n_confident`` (entries with lfsr below the threshold) and
         ``sign_accuracy`` (fraction of those whose reported sign is the true
         one; a true zero counts as wrong), ``nan`` when there are none.
@@ -282,6 +283,7 @@ def posterior_checks(posterior, truth, level: float = 0.95, lfsr_threshold: floa
         "coverage_zero": frac(inside[~nonzero]),
         "n": int(truth.size),
         "n_nonzero": int(nonzero.sum()),
+        "n_zero": int((~nonzero).sum()),
         "n_confident": int(confident.sum()),
         "sign_accuracy": frac(right),
     }

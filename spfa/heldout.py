@@ -29,7 +29,7 @@ from sklearn.base import clone
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from ._validation import check_positive_int, check_size_factors
+from ._validation import check_count_values, check_positive_int, check_size_factors
 from .likelihoods import get_likelihood
 
 __all__ = ["mask_entries", "thin_counts", "heldout_log_likelihood", "heldout_score"]
@@ -102,8 +102,7 @@ def thin_counts(X, fraction=0.1, random_state=None):
         values = test
     if np.isnan(values).any():
         raise ValueError("thin_counts needs complete counts; X has NaN entries")
-    if values.size and (values.min() < 0 or not np.all(values == np.round(values))):
-        raise ValueError("thin_counts needs non-negative integer counts")
+    check_count_values(values)
     values[...] = rng.binomial(values.astype(np.int64), fraction)
     if sp.issparse(test):
         test.eliminate_zeros()
@@ -218,7 +217,7 @@ def heldout_score(
         fitted.fit(x_train, size_factors=s)
         score = heldout_log_likelihood(
             fitted,
-            _dense(X),
+            X,
             entries=heldout,
             size_factors=s,
             n_draws=n_draws,

@@ -97,7 +97,7 @@ def save_estimator(estimator, path) -> None:
     payload["arrays"] = arrays
     payload["state"] = {k: v.detach().cpu().clone() for k, v in estimator._state.items()}
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent or ".")
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         torch.save(payload, tmp)

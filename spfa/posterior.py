@@ -116,8 +116,7 @@ class PointNormalPosterior:
             lower = mu + s * special.ndtri(q / a)
             # upper part: alpha (1 - Phi((t - mu)/s)) = 1 - q, solved on the upper tail
             upper = mu - s * special.ndtri((1.0 - q) / a)
-        out = np.where(q <= below, lower, np.where(q <= below + (1.0 - a), 0.0, upper))
-        return out
+        return np.where(q <= below, lower, np.where(q <= below + (1.0 - a), 0.0, upper))
 
     def interval(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         """Equal-tailed credible interval of each entry.
