@@ -152,6 +152,9 @@ def heldout_log_likelihood(
     entries = np.asarray(entries, dtype=bool)
     if entries.shape != x.shape:
         raise ValueError(f"entries must have shape {x.shape}, got {entries.shape}")
+    if not model.likelihood.observes_zeros:
+        # a zero-truncated model gives the density of a count given that it is non-zero
+        entries = entries & ~(np.nan_to_num(x, nan=1.0) == 0)
     if np.isnan(x[entries]).any():
         raise ValueError("X is NaN at some of the entries to score")
     if not entries.any():

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Link", "Softplus", "Exp", "Identity", "LINKS", "get_link"]
+__all__ = ["Link", "Softplus", "Exp", "Sigmoid", "Identity", "LINKS", "get_link", "log_softplus"]
 
 # Below this, log(softplus(eta)) = eta - e/2 + 5 e^2/24 + O(e^3) with e = exp(eta),
 # exact to 1e-13 in float64; above it, log(softplus(eta)) is evaluated directly.
@@ -27,6 +27,20 @@ _SOFTPLUS_LINEAR = 40.0
 def _softplus_log_tail(e: torch.Tensor) -> torch.Tensor:
     """``eta - log(softplus(eta))`` for small ``e = exp(eta)``: ``e/2 - 5 e^2/24``."""
     return e * (0.5 - e * (5.0 / 24.0))
+
+
+def log_softplus(eta: torch.Tensor) -> torch.Tensor:
+    """``log(log(1 + exp(eta)))``, finite with finite gradients for every finite ``eta``."""
+    small = eta < _SOFTPLUS_SWITCH
+    # Each branch only sees inputs where it is accurate, so neither produces
+    # inf/NaN that torch.where would turn into NaN gradients.
+    eta_small = torch.clamp(eta, max=_SOFTPLUS_SWITCH)
+    eta_large = torch.clamp(eta, min=_SOFTPLUS_SWITCH)
+    return torch.where(
+        small,
+        eta_small - _softplus_log_tail(torch.exp(eta_small)),
+        torch.log(F.softplus(eta_large, threshold=_SOFTPLUS_LINEAR)),
+    )
 
 
 class Link:
@@ -65,16 +79,7 @@ class Softplus(Link):
         return F.softplus(eta, threshold=_SOFTPLUS_LINEAR)
 
     def log(self, eta):
-        small = eta < _SOFTPLUS_SWITCH
-        # Each branch only sees inputs where it is accurate, so neither produces
-        # inf/NaN that torch.where would turn into NaN gradients.
-        eta_small = torch.clamp(eta, max=_SOFTPLUS_SWITCH)
-        eta_large = torch.clamp(eta, min=_SOFTPLUS_SWITCH)
-        return torch.where(
-            small,
-            eta_small - _softplus_log_tail(torch.exp(eta_small)),
-            torch.log(F.softplus(eta_large, threshold=_SOFTPLUS_LINEAR)),
-        )
+        return log_softplus(eta)
 
     def inverse(self, y):
         y = np.asarray(y, dtype=float)
@@ -107,6 +112,55 @@ class Exp(Link):
         return np.exp(np.asarray(eta, dtype=float))
 
 
+class Sigmoid(Link):
+    """``h(eta) = scale * sigmoid(eta)``: a mean bounded above by ``scale``.
+
+    With a count likelihood and size factors equal to each sample's total
+    count (library size), ``s_i sigmoid(eta_ij)`` makes ``sigmoid(eta_ij)`` the
+    expected *proportion* of sample ``i``'s counts in feature ``j``, which
+    cannot exceed 1: the natural reading of seed 002's sigmoid activation.
+    ``log h = log scale + logsigmoid(eta)`` is exact everywhere. Fitting
+    data whose mean of ``x / s`` reaches ``scale`` raises ``ValueError``.
+
+    Parameters
+    ----------
+    scale : float, default=1.0
+        Upper bound of the mean per unit size factor.
+    """
+
+    name = "sigmoid"
+
+    def __init__(self, scale: float = 1.0):
+        scale = float(scale)
+        if not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"the sigmoid link's scale must be finite and > 0, got {scale!r}")
+        self.scale = scale
+        self._log_scale = math.log(scale)
+
+    def __call__(self, eta):
+        return self.scale * torch.sigmoid(eta)
+
+    def log(self, eta):
+        return self._log_scale + F.logsigmoid(eta)
+
+    def inverse(self, y):
+        q = np.asarray(y, dtype=float) / self.scale
+        if np.any(q >= 1):
+            raise ValueError(
+                f"the sigmoid link bounds the mean of x / s by scale={self.scale:g}, but some "
+                f"features have a mean of {q.max() * self.scale:.3g}; give library sizes as "
+                "size_factors or use Sigmoid(scale=...) with a larger bound"
+            )
+        return np.log(q) - np.log1p(-q)
+
+    def derivative(self, eta):
+        e = np.asarray(eta, dtype=float)
+        return self.scale / ((1.0 + np.exp(-e)) * (1.0 + np.exp(e)))
+
+    def __repr__(self) -> str:
+        return f"Sigmoid(scale={self.scale:g})"
+
+
 class Identity(Link):
     """``h(eta) = eta``; the Gaussian likelihood's link."""
 
@@ -126,7 +180,7 @@ class Identity(Link):
         return np.ones_like(np.asarray(eta, dtype=float))
 
 
-LINKS: dict[str, type[Link]] = {cls.name: cls for cls in (Softplus, Exp, Identity)}
+LINKS: dict[str, type[Link]] = {cls.name: cls for cls in (Softplus, Exp, Sigmoid, Identity)}
 
 
 def get_link(link: str | Link) -> Link:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .expectation import Expectation
 from .likelihoods import Likelihood
 from .priors import NormalEffect, PointNormal
 
@@ -78,6 +79,7 @@ class SparseFactorModel(torch.nn.Module):
         self.likelihood = likelihood
         self.fit_intercept = fit_intercept
         self.intercept = NormalEffect(n_features) if fit_intercept else None
+        likelihood.initialize_rows(n_samples)
 
     def global_parameters(self) -> list[torch.nn.Parameter]:
         """Everything shared by all samples: factors, priors, intercept, nuisance."""
@@ -88,14 +90,35 @@ class SparseFactorModel(torch.nn.Module):
         params += list(self.likelihood.parameters())
         return params
 
-    def eta_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of ``eta`` under ``q``, each ``[n, p]``."""
+    def eta_moments(
+        self, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of ``eta`` under ``q``.
+
+        Parameters
+        ----------
+        rows, cols : Tensor of int, optional
+            ``cols=None``: the grid ``[n, p]`` of all samples (or of the samples
+            ``rows``); both given: the entries ``(rows[e], cols[e])``, ``[m]``,
+            at a cost of ``m k`` rather than ``n p k``.
+        """
         ml, vl = self.loadings.moments()
         mf, vf = self.factors.moments()
-        mean = ml @ mf.T
-        var = (vl + ml**2) @ vf.T + vl @ (mf**2).T
+        if rows is not None:
+            ml, vl = ml[rows], vl[rows]
+        mb = vb = None
         if self.intercept is not None:
             mb, vb = self.intercept.moments()
+        if cols is None:
+            mean = ml @ mf.T
+            var = (vl + ml**2) @ vf.T + vl @ (mf**2).T
+        else:
+            mf, vf = mf[cols], vf[cols]
+            mean = (ml * mf).sum(-1)
+            var = ((vl + ml**2) * vf + vl * mf**2).sum(-1)
+            if mb is not None:
+                mb, vb = mb[cols], vb[cols]
+        if mb is not None:
             mean = mean + mb
             var = var + vb
         return mean, var
@@ -111,24 +134,36 @@ class SparseFactorModel(torch.nn.Module):
         x: torch.Tensor,
         mask: torch.Tensor | None,
         log_s: torch.Tensor | None,
-        n_samples: int = 1,
+        expectation: Expectation,
         generator: torch.Generator | None = None,
+        rows: torch.Tensor | None = None,
+        cols: torch.Tensor | None = None,
     ) -> ELBOTerms:
-        """The ELBO's terms for data ``x`` (``[n, p]``).
+        """The ELBO's terms for data ``x``.
 
         Parameters
         ----------
-        x : Tensor of shape (n, p)
-            Data, with missing entries set to any finite value.
-        mask : Tensor of shape (n, p) or None
+        x : Tensor of shape (n, p), or (m,) with ``cols``
+            Data, with missing entries set to any finite value; or the values
+            of the entries ``(rows[e], cols[e])`` (e.g. the non-zeros of a
+            sparse matrix, for a zero-truncated likelihood).
+        mask : Tensor shaped like ``x``, or None
             1 for observed, 0 for missing entries; None if all are observed.
         log_s : Tensor of shape (n, 1) or None
-            Log size factors.
-        n_samples : int
-            Monte Carlo draws of ``eta`` (ignored by closed-form likelihoods).
+            Log size factors of all samples.
+        expectation : Expectation
+            How ``E_q[log p(x | eta)]`` is estimated (ignored by closed forms).
+        rows, cols : Tensor of int, optional
+            See :meth:`eta_moments`.
         """
-        mean, var = self.eta_moments()
-        ll = self.likelihood.expected_log_prob(x, mean, var, log_s, n_samples, generator)
+        mean, var = self.eta_moments(rows, cols)
+        if log_s is not None and rows is not None:
+            log_s = log_s[rows]
+        if log_s is not None and cols is not None:
+            log_s = log_s.squeeze(-1)
+        ll = self.likelihood.expected_log_prob(
+            x, mean, var, log_s, expectation, generator, rows, cols
+        )
         if mask is not None:
             ll = ll * mask
         kl_b = self.intercept.kl() if self.intercept is not None else ll.new_zeros(())

@@ -6,6 +6,7 @@ import pytest
 import scipy.stats as st
 import torch
 
+from spfa.expectation import GaussHermite, MonteCarlo
 from spfa.likelihoods import (
     LIKELIHOODS,
     Gaussian,
@@ -129,30 +130,35 @@ def test_gaussian_against_scipy_and_exact_expectation():
     np.testing.assert_allclose(got, st.norm.logpdf(x, eta, np.sqrt(nv)), rtol=1e-10)
     # the closed-form expectation agrees with Monte Carlo over eta ~ N(m, v)
     v = torch.tensor([[0.5, 1.0, 2.0]], dtype=torch.float64)
-    exact = lik.expected_log_prob(x, eta, v, None).detach().numpy()
+    exact = lik.expected_log_prob(x, eta, v, None, MonteCarlo(1)).detach().numpy()
     gen = torch.Generator().manual_seed(0)
-    mc = Poisson.expected_log_prob(lik, x, eta, v, None, 200_000, gen).detach().numpy()
-    np.testing.assert_allclose(mc, exact, rtol=5e-3)
+    mc = Poisson.expected_log_prob(lik, x, eta, v, None, MonteCarlo(200_000), gen)
+    np.testing.assert_allclose(mc.detach().numpy(), exact, rtol=5e-3)
+    gh = Poisson.expected_log_prob(lik, x, eta, v, None, GaussHermite(3))
+    np.testing.assert_allclose(gh.detach().numpy(), exact, rtol=1e-12)  # exact for quadratics
 
 
 @pytest.mark.parametrize("name", sorted(LIKELIHOODS))
 def test_finite_values_and_gradients_at_extremes(name):
     """float32, eta = +-100, counts 0 and 1e5, inverse dispersion 1e-2 .. 1e8."""
     x = torch.tensor([[0.0, 1.0, 1e5, 0.0, 3.0, 1e5]])
-    eta = torch.tensor([[-100.0, -100.0, 100.0, 100.0, 0.0, -100.0]], requires_grad=True)
-    lik = get_likelihood(name)
-    lik.initialize(np.ones(6), np.ones(6))
-    if name == "negative_binomial":
-        with torch.no_grad():
-            lik.log_inverse_dispersion.copy_(
-                torch.log(torch.tensor([1e-2, 1e8, 1e8, 1e-2, 1.0, 10]))
-            )
-    lp = lik.log_prob(x, eta, torch.zeros(1, 1))
-    assert torch.isfinite(lp).all()
-    lp.sum().backward()
-    assert torch.isfinite(eta.grad).all()
-    for p in lik.parameters():
-        assert torch.isfinite(p.grad).all()
+    r = torch.tensor([1e-2, 1e8, 1e8, 1e-2, 1.0, 10])
+    # a shared dispersion takes each extreme in turn
+    settings = [r[i] for i in range(6)] if name == "negative_binomial_shared" else [r]
+    for value in settings:
+        eta = torch.tensor([[-100.0, -100.0, 100.0, 100.0, 0.0, -100.0]], requires_grad=True)
+        lik = get_likelihood(name)
+        lik.initialize(np.ones(6), np.ones(6))
+        lik.initialize_rows(1)
+        if hasattr(lik, "log_inverse_dispersion"):
+            with torch.no_grad():
+                lik.log_inverse_dispersion.copy_(torch.log(value))
+        lp = lik.log_prob(x, eta, torch.zeros(1, 1))
+        assert torch.isfinite(lp).all()
+        lp.sum().backward()
+        assert torch.isfinite(eta.grad).all()
+        for p in lik.parameters():
+            assert torch.isfinite(p.grad).all()
 
 
 def test_softplus_log_is_accurate_across_switch():
@@ -168,7 +174,18 @@ def test_softplus_log_is_accurate_across_switch():
 
 
 def test_registry_and_errors():
-    assert set(LIKELIHOODS) == {"gaussian", "poisson", "negative_binomial"}
+    assert set(LIKELIHOODS) == {
+        "gaussian",
+        "poisson",
+        "negative_binomial",
+        "negative_binomial_shared",
+        "negative_binomial_full",
+        "zinb",
+        "zt_poisson",
+        "zt_negative_binomial",
+    }
+    for name, cls in LIKELIHOODS.items():
+        assert cls.name == name
     with pytest.raises(ValueError, match="unknown likelihood"):
         get_likelihood("zip")
     with pytest.raises(ValueError, match="unknown link"):
