@@ -223,9 +223,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         check_positive_int(self.n_mc_samples, "n_mc_samples")
         check_positive_int(self.n_quadrature_nodes, "n_quadrature_nodes")
         if self.expectation not in ("mc", "quadrature"):
-            raise ValueError(
-                f"expectation must be 'mc' or 'quadrature', got {self.expectation!r}"
-            )
+            raise ValueError(f"expectation must be 'mc' or 'quadrature', got {self.expectation!r}")
         check_positive_int(self.max_iter, "max_iter")
         check_positive_float(self.tol, "tol", allow_zero=True)
         check_positive_float(self.learning_rate, "learning_rate")
@@ -431,9 +429,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         Differences of its values between two settings of ``active`` are paired
         comparisons, free of most Monte Carlo noise (quadrature has none).
         """
-        expectation = self._expectation(
-            max(1, min(N_SCORE_SAMPLES, PRUNE_BUDGET // obs.x.numel()))
-        )
+        expectation = self._expectation(max(1, min(N_SCORE_SAMPLES, PRUNE_BUDGET // obs.x.numel())))
 
         def elbo() -> float:
             with torch.no_grad():

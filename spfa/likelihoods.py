@@ -144,7 +144,7 @@ class Likelihood(torch.nn.Module):
         rows: torch.Tensor | None,
         cols: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Low-rank per-entry term ``U V^T`` (``U``: ``[n, d]``, ``V``: ``[p, d]``) at the entries."""
+        """Low-rank term ``U V^T`` (``U``: ``[n, d]``, ``V``: ``[p, d]``) at the entries."""
         u = row_factors if rows is None else row_factors[rows]
         if cols is None:
             return u @ feature_factors.T
@@ -345,9 +345,7 @@ class NegativeBinomial(Likelihood):
     ):
         super().__init__(link)
         if dispersion not in self.DISPERSIONS:
-            raise ValueError(
-                f"dispersion must be one of {self.DISPERSIONS}, got {dispersion!r}"
-            )
+            raise ValueError(f"dispersion must be one of {self.DISPERSIONS}, got {dispersion!r}")
         self.dispersion = dispersion
         self.dispersion_rank = check_positive_int(dispersion_rank, "dispersion_rank")
         if dispersion == "full":
