@@ -70,10 +70,21 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     ----------
     n_components : int, default=10
         Number of factors ``k``; unsupported ones are pruned (``pi_k -> 0``).
-    likelihood : {"gaussian", "poisson", "negative_binomial"} or Likelihood, default="poisson"
-        Observation model; any :class:`spfa.likelihoods.Likelihood` instance works.
-    link : {"softplus", "exp"} or Link, default="softplus"
-        Link ``h`` of the count likelihoods; the Gaussian always uses the identity.
+    likelihood : str or Likelihood, default="poisson"
+        Observation model, a name registered in
+        :data:`spfa.likelihoods.LIKELIHOODS` -- ``"gaussian"``, ``"poisson"``,
+        ``"negative_binomial"`` (per-feature dispersion),
+        ``"negative_binomial_shared"``, ``"negative_binomial_full"`` (per-entry
+        dispersion with a rank-1 term), ``"zinb"`` (zero-inflated NB),
+        ``"zt_poisson"``, ``"zt_negative_binomial"`` (zero-truncated: fitted to
+        the non-zero entries only) -- or any
+        :class:`spfa.likelihoods.Likelihood` instance (e.g.
+        ``NegativeBinomial(dispersion="full", dispersion_rank=2)``).
+    link : {"softplus", "exp", "sigmoid"} or Link, default="softplus"
+        Link ``h`` of the count likelihoods; the Gaussian always uses the
+        identity. ``"sigmoid"`` bounds ``h`` by 1 (``Sigmoid(scale)`` by
+        ``scale``): with library sizes as size factors, ``h`` is then the
+        expected proportion of a sample's counts in a feature.
     expectation : {"mc", "quadrature"}, default="mc"
         How the expected log-likelihood ``E_q[log p(x | eta)]`` over the
         Gaussian of each linear predictor is computed: Monte Carlo draws
@@ -154,7 +165,13 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     noise_variance_ : ndarray of shape (n_features,)
         Gaussian likelihood only.
     dispersion_, inverse_dispersion_ : ndarray of shape (n_features,)
-        Negative binomial only: variance is ``mu + dispersion_ * mu^2``.
+        Negative binomial likelihoods only: variance is ``mu + dispersion_ *
+        mu^2``. For ``"negative_binomial_full"`` the per-feature baseline
+        ``exp(a_j)`` of ``r_ij = exp(a_j + u_i . v_j)``.
+    dispersion_row_factors_, dispersion_feature_factors_ : ndarray of shape (n, d), (p, d)
+        ``"negative_binomial_full"`` only: ``u`` and ``v`` of the training rows.
+    zero_inflation_ : ndarray of shape (n_features,)
+        ``"zinb"`` only: the probability of an extra zero per feature.
     training_size_factors_ : ndarray of shape (n_samples,) or None
         The ``size_factors`` given to ``fit`` (used by :meth:`sample`).
     elbo_ : float

@@ -45,6 +45,9 @@ __all__ = [
 _HALF_LOG_2PI = 0.5 * LOG_2PI
 # Stirling series is used for lgamma(z) at and above this argument.
 _STIRLING_MIN = 8.0
+# NB inverse dispersions are smoothly bounded by 1e10 (see log_inverse_dispersion_at)
+_R_MAX = 1e10
+_LOG_R_MAX = float(np.log(_R_MAX))
 
 
 # log(1 - exp(-a)) = log(a) - a/2 + O(a^2): below this log(a) it equals log(a) in float64
@@ -304,6 +307,11 @@ def lgamma_ratio(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _bound_log_r(t: torch.Tensor) -> torch.Tensor:
+    """``log r`` from its unconstrained value: smoothly below ``log(1e8)``."""
+    return _LOG_R_MAX - F.softplus(_LOG_R_MAX - t)
+
+
 class NegativeBinomial(Likelihood):
     """``x_ij ~ NB(mean = s_i h(eta_ij), inverse dispersion r_ij)``.
 
@@ -362,9 +370,13 @@ class NegativeBinomial(Likelihood):
             log_r = np.asarray(np.median(log_r))
         self.log_inverse_dispersion = torch.nn.Parameter(torch.as_tensor(log_r).float())
         if self.dispersion == "full":
-            # small fixed start so that neither side of u v^T starts at a saddle
+            # u = 0 (r starts per feature) and v's first column 1, so that u_i
+            # starts as a per-sample shift of log r, the strongest single
+            # direction; further columns start small and random (fixed seed)
+            # so that no two are at the symmetric saddle
             gen = torch.Generator().manual_seed(0)
             v = 0.1 * torch.randn(log_r.size, self.dispersion_rank, generator=gen)
+            v[:, 0] = 1.0
             self.dispersion_features = torch.nn.Parameter(v)
 
     def initialize_rows(self, n_samples):
@@ -373,13 +385,33 @@ class NegativeBinomial(Likelihood):
             self.dispersion_rows = torch.nn.Parameter(rows)
 
     def log_inverse_dispersion_at(self, rows=None, cols=None) -> torch.Tensor:
-        """``log r`` at the entries (``[p]`` or ``[n, p]`` on the grid, ``[m]`` at entries)."""
+        """``log r`` at the entries (``[p]`` or ``[n, p]`` on the grid, ``[m]`` at entries).
+
+        The unconstrained value ``t`` is mapped to ``log r = c - softplus(c - t)``
+        with ``c = log(1e10)``: the identity (to 1e-7) for ``r <= 1e3`` and a
+        smooth bound ``r < 1e10`` above. Data with no overdispersion (Poisson)
+        drive the maximum-likelihood ``r`` to infinity (and, through the
+        ``"full"`` product ``u_i v_j``, to float32 overflow); the bound keeps it
+        where the log-probability is accurate in float32, and an NB with
+        ``r = 1e10`` differs from the Poisson by a variance of ``mu^2 / 1e10``,
+        which no count data can detect. It is a reparameterisation, not a
+        penalty: every ``r`` below the bound is reachable.
+        """
         log_r = self.per_feature(self.log_inverse_dispersion, cols)
         if self.dispersion == "full":
             log_r = log_r + self.per_entry(
                 self.dispersion_rows, self.dispersion_features, rows, cols
             )
-        return log_r
+        return _bound_log_r(log_r)
+
+    def set_inverse_dispersion(self, r) -> None:
+        """Set the per-feature (or shared) ``r``, each ``0 < r < 1e10``, e.g. to fix a known value."""
+        r = torch.as_tensor(r, dtype=torch.float64)
+        if not bool(torch.all((r > 0) & (r < _R_MAX))):
+            raise ValueError(f"inverse dispersions must lie in (0, {_R_MAX:g}), got {r}")
+        t = _LOG_R_MAX - torch.log(torch.expm1(_LOG_R_MAX - torch.log(r)))
+        with torch.no_grad():
+            self.log_inverse_dispersion.copy_(t.expand_as(self.log_inverse_dispersion))
 
     @property
     def inverse_dispersion(self) -> torch.Tensor:
@@ -398,7 +430,7 @@ class NegativeBinomial(Likelihood):
         )
 
     def variance_function(self, mu):
-        r = torch.exp(self.log_inverse_dispersion).detach().cpu().double().numpy()
+        r = torch.exp(_bound_log_r(self.log_inverse_dispersion)).detach().cpu().double().numpy()
         return mu + mu**2 / r
 
     def sample(self, mean, rng):
@@ -407,7 +439,8 @@ class NegativeBinomial(Likelihood):
         return rng.negative_binomial(r, r / (r + mean)).astype(np.float64)
 
     def fitted_attributes(self):
-        r = torch.exp(self.log_inverse_dispersion).detach().cpu().double().numpy()
+        # per feature; for "full", the baseline exp(bound(a_j)) of the per-entry r
+        r = torch.exp(_bound_log_r(self.log_inverse_dispersion)).detach().cpu().double().numpy()
         r = np.broadcast_to(r, (self.n_features,)).copy()
         out = {"inverse_dispersion_": r, "dispersion_": 1.0 / r}
         if self.dispersion == "full":

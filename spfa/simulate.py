@@ -52,6 +52,7 @@ def simulate(
     slab_sd=SANITY_SLAB_SD,
     size_factors=None,
     inverse_dispersion=5.0,
+    zero_inflation=0.0,
     intercept=None,
     seed=1,
 ) -> Simulation:
@@ -59,12 +60,18 @@ def simulate(
 
     Parameters
     ----------
-    likelihood : {"gaussian", "poisson", "negative_binomial"}
-        Gaussian: ``x ~ N(L F^T, 1)``; counts: mean ``s * softplus(L F^T)``.
+    likelihood : {"gaussian", "poisson", "negative_binomial", "zinb"}
+        Gaussian: ``x ~ N(L F^T, 1)``; counts: mean ``s * softplus(L F^T)``
+        (for ``"zinb"`` the mean of the NB part). The zero-truncated models
+        have no simulator of their own: simulate the untruncated one and fit
+        its non-zero entries.
     size_factors : None, "random" or array of shape (n,)
         ``"random"`` draws log-normal size factors (sd 0.5, median 1).
-    inverse_dispersion : float
-        NB ``r`` (variance ``mu + mu^2 / r``).
+    inverse_dispersion : float or array broadcastable to (n, p)
+        NB ``r`` (variance ``mu + mu^2 / r``): one value, per feature
+        ``(p,)``, or per entry ``(n, p)`` (e.g. ``(n, 1)`` for groups of samples).
+    zero_inflation : float or array of shape (p,)
+        ``"zinb"`` only: probability that an entry is an extra zero.
     intercept : None, "random" or array of shape (p,)
         Per-feature baseline added to ``eta = L F^T``; ``"random"`` draws
         ``N(-1.5, 1)``, which with softplus gives sparse, single-cell-like counts.
@@ -93,9 +100,12 @@ def simulate(
     mean = np.logaddexp(0.0, eta) * (1.0 if s is None else s[:, None])
     if likelihood == "poisson":
         x = rng.poisson(mean)
-    elif likelihood == "negative_binomial":
-        r = inverse_dispersion
+    elif likelihood in ("negative_binomial", "zinb"):
+        r = np.broadcast_to(np.asarray(inverse_dispersion, dtype=float), mean.shape)
         x = rng.poisson(rng.gamma(shape=r, scale=mean / r))
+        if likelihood == "zinb":
+            pi = np.broadcast_to(np.asarray(zero_inflation, dtype=float), (p,))
+            x = np.where(rng.uniform(size=x.shape) < pi, 0, x)
     else:
         raise ValueError(f"unknown likelihood {likelihood!r}")
     return Simulation(x.astype(float), loadings, factors, mean, s, likelihood, b)

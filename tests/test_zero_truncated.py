@@ -34,9 +34,8 @@ def _zt_poisson(dtype=torch.float64):
 def _zt_nb(r, dtype=torch.float64):
     lik = ZeroTruncatedNegativeBinomial("exp")
     lik.initialize(np.ones(1), np.ones(1))
-    lik.to(dtype)
-    with torch.no_grad():
-        lik.log_inverse_dispersion.copy_(torch.log(torch.tensor([r], dtype=torch.float64)))
+    lik = lik.to(dtype)
+    lik.set_inverse_dispersion([r])
     return lik
 
 
