@@ -405,7 +405,7 @@ class NegativeBinomial(Likelihood):
         return _bound_log_r(log_r)
 
     def set_inverse_dispersion(self, r) -> None:
-        """Set the per-feature (or shared) ``r``, each ``0 < r < 1e10``, e.g. to fix a known value."""
+        """Set the per-feature (or shared) ``r``, each in ``(0, 1e10)``, e.g. to fix it."""
         r = torch.as_tensor(r, dtype=torch.float64)
         if not bool(torch.all((r > 0) & (r < _R_MAX))):
             raise ValueError(f"inverse dispersions must lie in (0, {_R_MAX:g}), got {r}")
