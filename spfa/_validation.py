@@ -12,7 +12,8 @@ from sklearn.utils.validation import validate_data
 
 __all__ = [
     "check_count_values",
-    "check_counts_data",
+    "check_data",
+    "dense_rows",
     "check_size_factors",
     "resolve_device",
     "check_positive_int",
@@ -50,8 +51,8 @@ def check_count_values(values: np.ndarray) -> None:
         )
 
 
-def check_counts_data(estimator, X, *, reset: bool, count: bool):
-    """Validate ``X`` and return a dense float64 array with a missing-entry mask.
+def check_data(estimator, X, *, reset: bool, count: bool):
+    """Validate ``X``; sparse input stays sparse (CSR), nothing is densified.
 
     Parameters
     ----------
@@ -66,10 +67,9 @@ def check_counts_data(estimator, X, *, reset: bool, count: bool):
 
     Returns
     -------
-    x : ndarray of shape (n, p)
-        Missing entries set to 0.
-    mask : ndarray of shape (n, p) or None
-        1.0 where observed; None when every entry is observed.
+    X : ndarray of shape (n, p), float64, or scipy.sparse.csr_matrix
+        NaN where missing (a stored NaN in a sparse matrix); implicit zeros of
+        a sparse matrix are observed zeros.
     """
     X = validate_data(
         estimator,
@@ -82,23 +82,34 @@ def check_counts_data(estimator, X, *, reset: bool, count: bool):
         ensure_min_samples=2 if reset else 1,
         ensure_min_features=1,
     )
-    # Only the stored values need checking: implicit zeros of a sparse matrix are
-    # observed zeros, valid for every likelihood.
+    # Only the stored values need checking: implicit zeros are valid for every likelihood.
     values = X.data if sp.issparse(X) else X
     missing = np.isnan(values)
-    observed = values[~missing]
     if count:
-        check_count_values(observed)
-    # TODO(issue 6): keep sparse input sparse; dense until minibatching lands.
-    x = X.toarray() if sp.issparse(X) else np.array(X, dtype=np.float64, copy=True)
-    x = x.astype(np.float64, copy=False)
-    nan = np.isnan(x)
-    if nan.all():
+        check_count_values(values[~missing])
+    if missing.all() and (not sp.issparse(X) or X.nnz == X.shape[0] * X.shape[1]):
         raise ValueError("X has no observed entries (every entry is NaN)")
+    if sp.issparse(X):
+        X = sp.csr_matrix(X, dtype=np.float64)
+        X.sort_indices()
+        return X
+    return np.asarray(X, dtype=np.float64)
+
+
+def dense_rows(X, rows=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows of validated ``X`` as a dense float64 block with missing entries at 0.
+
+    Returns
+    -------
+    x : ndarray of shape (len(rows), p)
+    mask : ndarray of the same shape, 1.0 where observed, or None if all are
+    """
+    block = X if rows is None else X[rows]
+    x = block.toarray() if sp.issparse(block) else np.array(block, dtype=np.float64, copy=True)
+    nan = np.isnan(x)
     if nan.any():
-        mask = (~nan).astype(np.float64)
         x[nan] = 0.0
-        return x, mask
+        return x, (~nan).astype(np.float64)
     return x, None
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from sklearn.base import (
     BaseEstimator,
@@ -18,12 +18,14 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._validation import (
-    check_counts_data,
+    check_data,
     check_positive_float,
     check_positive_int,
     check_size_factors,
+    dense_rows,
     resolve_device,
 )
+from .data import RowBatches
 from .expectation import GaussHermite, MonteCarlo
 from .initialization import PIP_INIT, initialize
 from .likelihoods import get_likelihood
@@ -39,23 +41,9 @@ __all__ = ["SparseFactorAnalysis"]
 N_SCORE_SAMPLES = 32
 #: most sampled linear-predictor entries (draws x n x p) per pruning evaluation
 PRUNE_BUDGET = 2**25
-
-
-@dataclass
-class _Observations:
-    """The data as the ELBO sees them: a grid ``[n, p]`` or a list of entries ``[m]``."""
-
-    x: torch.Tensor
-    mask: torch.Tensor | None
-    log_s: torch.Tensor | None
-    rows: torch.Tensor | None
-    cols: torch.Tensor | None
-    n_observed: int
-
-    def terms(self, model: SparseFactorModel, expectation, generator):
-        return model.elbo_terms(
-            self.x, self.mask, self.log_s, expectation, generator, self.rows, self.cols
-        )
+#: most entries (rows x p) made dense at once: the initial SVD sees a random subset of
+#: rows beyond this, and row-wise work (projections, summaries) runs in chunks of it
+INIT_ENTRIES = 2**24
 
 
 class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -99,13 +87,25 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         Gauss--Hermite nodes per entry (``expectation="quadrature"``); each
         costs one likelihood evaluation, like one Monte Carlo draw.
     max_iter : int, default=3000
-        Maximum number of optimiser steps.
+        Maximum number of passes over the data: optimiser steps in full-batch
+        training, steps / number of batches with ``batch_size`` (as in
+        scikit-learn's stochastic solvers).
     tol : float, default=1e-4
         Relative ELBO change between windows of 50 steps under which (or under
         twice its Monte Carlo standard error) the fit has reached a plateau;
-        the second plateau ends it (the first reduces the step size).
+        the second plateau ends it (the first reduces the step size). With
+        ``batch_size``, windows are whole passes (at least 50 steps) compared
+        by ``tol`` alone.
     learning_rate : float, default=0.05
         Adam step size.
+    batch_size : int or None, default=None
+        Rows (samples) per step of stochastic variational inference; None
+        uses all rows each step. Each step's ELBO is an unbiased estimate: the
+        batch's expected log-likelihood and loadings' KL, scaled by the number
+        of batches, minus the factors' and intercept's KL. Only the batch's
+        loadings are updated (``torch.optim.SparseAdam``). Sparse input stays
+        compressed on the device and one batch at a time is made dense, so
+        memory is ``O(batch_size p + (n + p) k + nnz)``.
     fit_intercept : bool, default=True
         Learn a per-feature intercept ``b`` in the linear predictor (the
         per-gene baseline expression of single-cell data), with a normal
@@ -177,10 +177,11 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     elbo_ : float
         ELBO of the training data (mean over the last window of steps).
     n_iter_ : int
-        Optimiser steps taken.
+        Passes over the data (optimiser steps in full-batch training).
     history_ : dict of lists
-        ``"elbo"``, ``"err"``, ``"kl_l"``, ``"kl_f"`` per step; the learned
-        priors per window (``"step"`` gives the step of each entry).
+        ``"elbo"``, ``"err"``, ``"kl_l"``, ``"kl_f"`` per pass (per step in
+        full-batch training, a pass's mean with ``batch_size``); the learned
+        priors per window (``"step"`` gives the pass of each entry).
     device_ : torch.device
         Device the fit ran on.
     n_features_in_ : int
@@ -210,6 +211,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         max_iter=3000,
         tol=1e-4,
         learning_rate=0.05,
+        batch_size=None,
         fit_intercept=True,
         device="auto",
         random_state=None,
@@ -225,6 +227,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         self.max_iter = max_iter
         self.tol = tol
         self.learning_rate = learning_rate
+        self.batch_size = batch_size
         self.fit_intercept = fit_intercept
         self.device = device
         self.random_state = random_state
@@ -244,14 +247,17 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         check_positive_int(self.max_iter, "max_iter")
         check_positive_float(self.tol, "tol", allow_zero=True)
         check_positive_float(self.learning_rate, "learning_rate")
+        if self.batch_size is not None:
+            check_positive_int(self.batch_size, "batch_size")
         return self._make_likelihood(), resolve_device(self.device)
 
     def _tensor(self, a):
         return None if a is None else torch.as_tensor(a, dtype=torch.float32, device=self.device_)
 
     def _data(self, X, size_factors, *, reset, likelihood):
-        x, mask = check_counts_data(self, X, reset=reset, count=likelihood.is_count)
-        s = check_size_factors(size_factors, x.shape[0])
+        """Validated ``X`` (dense with NaN, or CSR: never densified) and size factors."""
+        X = check_data(self, X, reset=reset, count=likelihood.is_count)
+        s = check_size_factors(size_factors, X.shape[0])
         if s is not None and not likelihood.is_count:
             raise ValueError(
                 "size_factors are only used by count likelihoods, "
@@ -259,32 +265,43 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             )
         if not likelihood.observes_zeros:
             # a zero-truncated model sees the observed non-zero entries only
-            nonzero = x != 0 if mask is None else (x != 0) & (mask > 0)
-            if not nonzero.any():
+            values = X.data if sp.issparse(X) else X
+            if not np.any((values != 0) & ~np.isnan(values)):
                 raise ValueError(
                     f"X has no observed non-zero entries; the {likelihood.name} "
                     "likelihood fits only those"
                 )
-            mask = nonzero.astype(np.float64)
-        return x, mask, s
+        return X, s
 
-    def _observations(self, x, mask, s, likelihood) -> _Observations:
-        """Move the data to the device: the grid, or for a zero-truncated
-        likelihood only the entries it fits (cost ``m k``, not ``n p k``)."""
-        log_s = None if s is None else self._tensor(np.log(s)[:, None])
-        if likelihood.observes_zeros:
-            n_obs = int(mask.sum()) if mask is not None else x.size
-            return _Observations(self._tensor(x), self._tensor(mask), log_s, None, None, n_obs)
-        rows, cols = np.nonzero(mask)
-        index = {"dtype": torch.long, "device": self.device_}
-        return _Observations(
-            self._tensor(x[rows, cols]),
-            None,
-            log_s,
-            torch.as_tensor(rows, **index),
-            torch.as_tensor(cols, **index),
-            rows.size,
+    def _batches(self, X, s, likelihood, seed: int) -> RowBatches:
+        """The data on the device, in batches of ``batch_size`` rows (one batch if None):
+        dense blocks, or for a zero-truncated likelihood only the entries it fits."""
+        return RowBatches(
+            X,
+            None if s is None else np.log(s),
+            self.batch_size,
+            entries=not likelihood.observes_zeros,
+            device=self.device_,
+            seed=seed,
         )
+
+    def _init_block(self, X, s, likelihood, rng):
+        """The rows that the initial SVD sees, dense: all of them, or a random
+        subset when there are more than ``INIT_ENTRIES`` entries.
+
+        Returns ``(rows or None, x, mask, size factors of those rows)``.
+        """
+        n, p = X.shape
+        rows = None
+        if n * p > INIT_ENTRIES:
+            m = min(n, max(INIT_ENTRIES // p, 2 * self.n_components + 2))
+            rows = np.sort(rng.choice(n, size=m, replace=False))
+        x, mask = dense_rows(X, rows)
+        if not likelihood.observes_zeros:
+            nonzero = x != 0 if mask is None else (x != 0) & (mask > 0)
+            mask = nonzero.astype(np.float64)
+        s_rows = s if s is None or rows is None else s[rows]
+        return rows, x, mask, s_rows
 
     def _expectation(self, n_mc_samples: int):
         """The rule for ``E_q[log p]``; Monte Carlo with ``n_mc_samples`` draws."""
@@ -377,8 +394,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
 
     def _fit(self, X, size_factors, init_loadings=None, init_factors=None):
         likelihood, device = self._check_params()
-        x, mask, s = self._data(X, size_factors, reset=True, likelihood=likelihood)
-        n, p = x.shape
+        X, s = self._data(X, size_factors, reset=True, likelihood=likelihood)
+        n, p = X.shape
         k = self.n_components
         if k > min(n, p):
             raise ValueError(
@@ -388,46 +405,43 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         start = self._check_start(init_loadings, init_factors, n, p)
         self.device_ = device
         rng = check_random_state(self.random_state)
-        init = initialize(x, mask, s, k, likelihood, self.fit_intercept, rng, start=start)
+        sub, x0, mask0, s0 = self._init_block(X, s, likelihood, rng)
+        start0 = start if start is None or sub is None else (start[0][sub], start[1])
+        init = initialize(x0, mask0, s0, k, likelihood, self.fit_intercept, rng, start=start0)
+        del x0, mask0
 
         model = SparseFactorModel(n, p, k, likelihood, fit_intercept=self.fit_intercept)
         with torch.no_grad():
             for side in ("loadings", "factors", "intercept"):
                 module, values = getattr(model, side), getattr(init, side)
                 for name, value in (values or {}).items():
+                    if sub is not None and side == "loadings" and not name.startswith("prior"):
+                        continue  # the subset's loadings; all rows' come from the projection
                     getattr(module, name).copy_(torch.as_tensor(value))
         model.to(device)
+        if sub is not None:
+            self._init_loadings(model, X, s, None if start is None else start[0])
 
-        obs = self._observations(x, mask, s, likelihood)
         gen = self._generator(rng.randint(2**31 - 1))
+        data = self._batches(X, s, likelihood, seed=rng.randint(2**31 - 1))
         expectation = self._expectation(self.n_mc_samples)
 
         def objective():
-            return obs.terms(model, expectation, gen)
+            return data.step_terms(model, expectation, gen)
 
         monitor = Monitor(model, self.log_dir)
         try:
-            result = train(
-                model,
-                objective,
-                list(model.parameters()),
-                n_observed=obs.n_observed,
-                max_iter=self.max_iter,
-                tol=self.tol,
-                learning_rate=self.learning_rate,
-                on_window=monitor,
-                verbose=self.verbose,
-            )
+            result = self._train(model, objective, data, model.loadings, monitor)
         finally:
             monitor.close()
 
-        elbo = self._paired_elbo(model, obs)
+        elbo = self._paired_elbo(model, data)
         self._prune(model, elbo)
         self.elbo_contribution_, order = self._rank(model, elbo)
         self.training_size_factors_ = s
         self._store(model, result, monitor, order)
         if not likelihood.is_count:
-            self.explained_variance_ratio_ = self._explained_variance_ratio(x, mask)
+            self.explained_variance_ratio_ = self._explained_variance_ratio(X)
         self.elbo_ = (
             float(np.mean(result.history["elbo"][-50:])) if result.history["elbo"] else float("nan")
         )
@@ -440,17 +454,48 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             )
         return self
 
-    def _paired_elbo(self, model: SparseFactorModel, obs: _Observations):
+    def _train(self, model, objective, data: RowBatches, loadings, monitor=None):
+        """Adam over everything that requires a gradient; with several batches,
+        the loadings of each batch's rows by SparseAdam (only where used), and
+        ``max_iter``, the stopping rule and the history count passes."""
+        passes = data.n_batches
+        model.sparse_rows = passes > 1
+        local = loadings.variational_parameters() if passes > 1 else []
+        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in params if all(p is not q for q in local)]
+        try:
+            result = train(
+                model,
+                objective,
+                params,
+                sparse_params=local,
+                n_observed=data.n_observed,
+                max_iter=self.max_iter * passes,
+                check_every=50 if passes == 1 else passes * -(-50 // passes),
+                steps_per_record=passes,
+                tol=self.tol,
+                learning_rate=self.learning_rate,
+                on_window=monitor,
+                verbose=self.verbose,
+            )
+        finally:
+            model.sparse_rows = False
+        result.n_iter = result.n_iter // passes
+        return result
+
+    def _paired_elbo(self, model: SparseFactorModel, data: RowBatches):
         """A function evaluating the ELBO with common random numbers (fixed seed).
 
         Differences of its values between two settings of ``active`` are paired
         comparisons, free of most Monte Carlo noise (quadrature has none).
         """
-        expectation = self._expectation(max(1, min(N_SCORE_SAMPLES, PRUNE_BUDGET // obs.x.numel())))
+        expectation = self._expectation(
+            max(1, min(N_SCORE_SAMPLES, PRUNE_BUDGET // data.n_evaluated))
+        )
 
         def elbo() -> float:
             with torch.no_grad():
-                terms = obs.terms(model, expectation, self._generator(0))
+                terms = data.total_terms(model, expectation, self._generator(0))
             return float(terms.elbo)
 
         return elbo
@@ -542,39 +587,50 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         """Fit ``q(L)`` of new rows with the factors and priors held fixed."""
         check_is_fitted(self)
         likelihood = self._make_likelihood()
-        x, mask, s = self._data(X, size_factors, reset=False, likelihood=likelihood)
-        n = x.shape[0]
-        model = self._build_model(n)
-        loadings = model.loadings
-        with torch.no_grad():
-            start = self._project(model, x, mask, s)
-            loadings.logits.fill_(float(np.log(PIP_INIT / (1 - PIP_INIT))))
-            loadings.mean.copy_(torch.as_tensor(start / PIP_INIT))
-            loadings.log_prec.copy_(self._start_log_prec(model, mask))
+        X, s = self._data(X, size_factors, reset=False, likelihood=likelihood)
+        model = self._build_model(X.shape[0])
+        self._init_loadings(model, X, s)
         model.requires_grad_(False)
         # the new rows' own parameters: q(L) and any per-sample likelihood parameters
-        params = loadings.variational_parameters()
+        params = model.loadings.variational_parameters()
         params += [getattr(model.likelihood, name) for name in model.likelihood.row_parameters]
         for prm in params:
             prm.requires_grad_(True)
-        obs = self._observations(x, mask, s, likelihood)
         rng = check_random_state(self.random_state)
         gen = self._generator(rng.randint(2**31 - 1))
+        data = self._batches(X, s, likelihood, seed=rng.randint(2**31 - 1))
         expectation = self._expectation(self.n_mc_samples)
 
         def objective():
-            return obs.terms(model, expectation, gen)
+            return data.step_terms(model, expectation, gen)
 
-        result = train(
-            model,
-            objective,
-            params,
-            n_observed=obs.n_observed,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            learning_rate=self.learning_rate,
-        )
-        return model, obs, result
+        result = self._train(model, objective, data, model.loadings)
+        return model, data, result
+
+    def _init_loadings(self, model, X, s, means=None) -> None:
+        """Start ``q(L)`` of every row of ``X`` from the fitted factors, in chunks of rows.
+
+        The slab means come from a ridge projection of the linearised data
+        onto ``E[F]`` (or from ``means``, ``(n, k)``), the precisions from
+        their coordinate-ascent values given ``F``.
+        """
+        loadings = model.loadings
+        n, p = X.shape
+        chunk = max(1, INIT_ENTRIES // p)
+        with torch.no_grad():
+            loadings.logits.fill_(float(np.log(PIP_INIT / (1 - PIP_INIT))))
+            for a in range(0, n, chunk):
+                rows = np.arange(a, min(a + chunk, n))
+                x, mask = dense_rows(X, rows)
+                s_rows = None if s is None else s[rows]
+                start = self._project(model, x, mask, s_rows) if means is None else means[rows]
+                index = torch.as_tensor(rows, device=loadings.mean.device)
+                loadings.mean[index] = torch.as_tensor(
+                    start / PIP_INIT, dtype=loadings.mean.dtype, device=loadings.mean.device
+                )
+                loadings.log_prec[index] = self._start_log_prec(model, mask, len(rows)).to(
+                    loadings.log_prec
+                )
 
     def _project(self, model, x, mask, s) -> np.ndarray:
         """Ridge projection of the linearised data onto ``E[F]``: start of ``E[L]``."""
@@ -592,22 +648,33 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             var = lik.variance_function(np.maximum(np.abs(mu0), 1e-12))
             w = slope**2 / np.maximum(var, 1e-300)
         else:
-            w = 1.0 / self.noise_variance_
-        tau = np.exp(self._state["loadings.prior_log_prec"].double().numpy())
+            w = 1.0 / self._noise_variance(model)
+        tau = self._loadings_prior_precision(model)
         gram = (mf * w[:, None]).T @ mf + np.diag(tau)
         return np.linalg.solve(gram, ((z * w) @ mf).T).T
 
-    def _start_log_prec(self, model, mask) -> torch.Tensor:
+    def _start_log_prec(self, model, mask, n_rows: int) -> torch.Tensor:
         with torch.no_grad():
             mf, vf = model.factors.moments()
             second = (mf**2 + vf).double().cpu().numpy()
         if model.likelihood.is_count:
             w = np.ones(second.shape[0])
         else:
-            w = 1.0 / self.noise_variance_
-        obs = np.ones((model.loadings.mean.shape[0], second.shape[0])) if mask is None else mask
-        tau = np.exp(self._state["loadings.prior_log_prec"].double().numpy())
-        return torch.as_tensor(np.log((obs * w) @ second + tau))
+            w = 1.0 / self._noise_variance(model)
+        tau = self._loadings_prior_precision(model)
+        if mask is None:
+            return torch.as_tensor(np.log(np.tile(w @ second + tau, (n_rows, 1))))
+        return torch.as_tensor(np.log((mask * w) @ second + tau))
+
+    @staticmethod
+    def _noise_variance(model) -> np.ndarray:
+        with torch.no_grad():
+            return model.likelihood.noise_variance.double().cpu().numpy()
+
+    @staticmethod
+    def _loadings_prior_precision(model) -> np.ndarray:
+        with torch.no_grad():
+            return torch.exp(model.loadings.prior_log_prec).double().cpu().numpy()
 
     def transform(self, X, *, size_factors=None):
         """Posterior mean loadings ``E[L]`` of new rows, ``(n_samples, n_components)``.
@@ -628,24 +695,35 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                 side.slab_sd().cpu().double().numpy(),
             )
 
-    def _explained_variance_ratio(self, x, mask) -> np.ndarray:
-        """Gaussian: share of the observed variance of each feature-centred factor term."""
-        if mask is None:
-            # centring l f^T per feature centres l: ||l - mean(l)||^2 ||f||^2, no n x p term
-            total = float(((x - x.mean(0)) ** 2).sum())
-            centred = self.loadings_ - self.loadings_.mean(0)
-            explained = (centred**2).sum(0) * (self.components_**2).sum(1)
-            return explained / total if total > 0 else np.zeros(self.n_components)
-        obs = mask
-        count = np.maximum(obs.sum(0), 1.0)
-        total = ((x - (x * obs).sum(0) / count) ** 2 * obs).sum()
-        ratio = np.zeros(self.n_components)
-        if total == 0:  # constant features: nothing to explain
-            return ratio
-        for k in range(self.n_components):
-            term = np.outer(self.loadings_[:, k], self.components_[k])
-            ratio[k] = ((term - (term * obs).sum(0) / count) ** 2 * obs).sum() / total
-        return ratio
+    def _explained_variance_ratio(self, X) -> np.ndarray:
+        """Gaussian: share of the observed variance of each feature-centred factor term.
+
+        With ``o`` the observed entries, ``count_j``, ``A = o^T l`` and
+        ``B = o^T l^2``, the centred term ``l_k f_k^T`` has observed sum of squares
+        ``sum_j f_jk^2 (B_jk - A_jk^2 / count_j)``; every sum is accumulated over
+        chunks of rows, so no ``n x p`` array is formed.
+        """
+        n, p = X.shape
+        k = self.n_components
+        count, s1, s2 = np.zeros(p), np.zeros(p), np.zeros(p)
+        a_sum, b_sum = np.zeros((p, k)), np.zeros((p, k))
+        chunk = max(1, INIT_ENTRIES // p)
+        for a in range(0, n, chunk):
+            rows = np.arange(a, min(a + chunk, n))
+            x, mask = dense_rows(X, rows)
+            obs = np.ones_like(x) if mask is None else mask
+            lo = self.loadings_[rows]
+            count += obs.sum(0)
+            s1 += x.sum(0)
+            s2 += (x**2).sum(0)
+            a_sum += obs.T @ lo
+            b_sum += obs.T @ lo**2
+        count = np.maximum(count, 1.0)
+        total = float((s2 - s1**2 / count).sum())
+        if total <= 0:  # constant features: nothing to explain
+            return np.zeros(k)
+        explained = ((b_sum - a_sum**2 / count[:, None]) * self.components_.T**2).sum(0)
+        return explained / total
 
     def factors_posterior(self) -> PointNormalPosterior:
         """Posterior of the factors ``F``, ``(n_features, n_components)``.
@@ -754,11 +832,11 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         (``N_SCORE_SAMPLES``). To score entries held out of the training
         rows, use :mod:`spfa.heldout`.
         """
-        model, obs, _ = self._fit_loadings(X, size_factors)
+        model, data, _ = self._fit_loadings(X, size_factors)
         gen = self._generator(0)
         with torch.no_grad():
-            terms = obs.terms(model, self._expectation(N_SCORE_SAMPLES), gen)
-        return float(terms.elbo) / obs.n_observed
+            terms = data.total_terms(model, self._expectation(N_SCORE_SAMPLES), gen)
+        return float(terms.elbo) / data.n_observed
 
     def sample(self, n_draws=1, *, size_factors=None, random_state=None):
         """Posterior predictive data sets for the training rows.

@@ -80,6 +80,9 @@ class SparseFactorModel(torch.nn.Module):
         self.fit_intercept = fit_intercept
         self.intercept = NormalEffect(n_features) if fit_intercept else None
         likelihood.initialize_rows(n_samples)
+        #: gather the loadings of a batch with sparse gradients (minibatch training
+        #: with SparseAdam); False: dense gradients, for Adam over all rows
+        self.sparse_rows = False
 
     def global_parameters(self) -> list[torch.nn.Parameter]:
         """Everything shared by all samples: factors, priors, intercept, nuisance."""
@@ -102,10 +105,8 @@ class SparseFactorModel(torch.nn.Module):
             ``rows``); both given: the entries ``(rows[e], cols[e])``, ``[m]``,
             at a cost of ``m k`` rather than ``n p k``.
         """
-        ml, vl = self.loadings.moments()
+        ml, vl = self.loadings.moments(rows, sparse=self.sparse_rows)
         mf, vf = self.factors.moments()
-        if rows is not None:
-            ml, vl = ml[rows], vl[rows]
         mb = vb = None
         if self.intercept is not None:
             mb, vb = self.intercept.moments()
@@ -138,6 +139,8 @@ class SparseFactorModel(torch.nn.Module):
         generator: torch.Generator | None = None,
         rows: torch.Tensor | None = None,
         cols: torch.Tensor | None = None,
+        batch: torch.Tensor | None = None,
+        scale: float = 1.0,
     ) -> ELBOTerms:
         """The ELBO's terms for data ``x``.
 
@@ -155,6 +158,14 @@ class SparseFactorModel(torch.nn.Module):
             How ``E_q[log p(x | eta)]`` is estimated (ignored by closed forms).
         rows, cols : Tensor of int, optional
             See :meth:`eta_moments`.
+        batch : Tensor of int, optional
+            The samples of a minibatch: their loadings' KL is counted (all
+            samples' when None).
+        scale : float
+            Factor on the batch's terms (expected log-likelihood and loadings'
+            KL), e.g. the number of batches, so that the result is an unbiased
+            estimate of the whole data set's ELBO; the factors' and intercept's
+            KL are counted once.
         """
         mean, var = self.eta_moments(rows, cols)
         if log_s is not None and rows is not None:
@@ -167,7 +178,8 @@ class SparseFactorModel(torch.nn.Module):
         if mask is not None:
             ll = ll * mask
         kl_b = self.intercept.kl() if self.intercept is not None else ll.new_zeros(())
-        return ELBOTerms(ll.sum(), self.loadings.kl(), self.factors.kl(), kl_b)
+        kl_l = self.loadings.kl(batch, sparse=self.sparse_rows)
+        return ELBOTerms(scale * ll.sum(), scale * kl_l, self.factors.kl(), kl_b)
 
     @torch.no_grad()
     def sample_eta(self, generator: torch.Generator | None = None) -> torch.Tensor:

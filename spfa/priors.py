@@ -110,19 +110,32 @@ class PointNormal(torch.nn.Module):
         """Prior slab standard deviation per factor, ``[k]``."""
         return torch.exp(-0.5 * self.prior_log_prec)
 
-    def moments(self) -> Moments:
-        """Posterior mean and variance of each entry."""
-        alpha = self.pip
-        mu = self.mean
+    def _rows(self, rows: torch.Tensor | None, sparse: bool) -> tuple[torch.Tensor, ...]:
+        """``(logits, mean, log_prec)`` of all rows, or of ``rows`` (``[b]``).
+
+        With ``sparse=True`` the rows are gathered by an embedding lookup whose
+        gradient is a sparse tensor: only the rows used get an update
+        (:class:`torch.optim.SparseAdam`), as minibatch training needs.
+        """
+        params = (self.logits, self.mean, self.log_prec)
+        if rows is None:
+            return params
+        if sparse:
+            return tuple(F.embedding(rows, w, sparse=True) for w in params)
+        return tuple(w[rows] for w in params)
+
+    def moments(self, rows: torch.Tensor | None = None, sparse: bool = False) -> Moments:
+        """Posterior mean and variance of each entry (of the rows ``rows``)."""
+        logits, mu, log_prec = self._rows(rows, sparse)
+        alpha = torch.sigmoid(logits) * self.active
         mean = alpha * mu
-        var = alpha * torch.exp(-self.log_prec) + alpha * (1 - alpha) * mu**2
+        var = alpha * torch.exp(-log_prec) + alpha * (1 - alpha) * mu**2
         return Moments(mean, var)
 
-    def kl(self) -> torch.Tensor:
-        """``sum KL(q || p)`` over all entries (scalar)."""
-        kl = point_normal_kl(
-            self.logits, self.mean, self.log_prec, self.prior_logit, self.prior_log_prec
-        )
+    def kl(self, rows: torch.Tensor | None = None, sparse: bool = False) -> torch.Tensor:
+        """``sum KL(q || p)`` over all entries, or over the rows ``rows`` (scalar)."""
+        logits, mean, log_prec = self._rows(rows, sparse)
+        kl = point_normal_kl(logits, mean, log_prec, self.prior_logit, self.prior_log_prec)
         return (kl * self.active).sum()
 
     def slab_sd(self) -> torch.Tensor:

@@ -41,17 +41,23 @@ class TrainResult:
     message: str = ""
 
 
-def _snapshot(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
+def _snapshot(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple:
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    return state, copy.deepcopy(optimizer.state_dict())
+    return state, [copy.deepcopy(opt.state_dict()) for opt in optimizers]
 
 
-def _restore(module, optimizer, snapshot, lr):
-    state, opt_state = snapshot
+def _set_lr(optimizers, lr):
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def _restore(module, optimizers, snapshot, lr):
+    state, opt_states = snapshot
     module.load_state_dict(state)
-    optimizer.load_state_dict(opt_state)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for opt, opt_state in zip(optimizers, opt_states, strict=True):
+        opt.load_state_dict(opt_state)
+    _set_lr(optimizers, lr)
 
 
 def _all_finite(params) -> bool:
@@ -68,6 +74,8 @@ def train(
     tol: float,
     learning_rate: float,
     check_every: int = 50,
+    steps_per_record: int = 1,
+    sparse_params: list[torch.nn.Parameter] | None = None,
     plateau_factor: float = 5.0,
     n_plateaus: int = 2,
     max_rollbacks: int = 8,
@@ -88,10 +96,20 @@ def train(
         Number of observed entries; the loss is the negative ELBO per entry.
     max_iter, tol, learning_rate : see the estimator.
     check_every : int
-        Window length of the stopping rule and the host read-back.
+        Window length of the stopping rule and the host read-back (a
+        multiple of ``steps_per_record``).
+    steps_per_record : int
+        Steps averaged into one record of the history (and one point of the
+        stopping rule): 1 for full-batch training, the number of batches per
+        pass for minibatch training, whose per-step values are noisy
+        estimates of different batches. A record is then a whole pass, free of
+        batch-to-batch spread, and the rule compares passes by ``tol`` alone.
+    sparse_params : list of Parameter, optional
+        Per-sample parameters that receive sparse gradients (minibatches):
+        updated by :class:`torch.optim.SparseAdam`, only where used.
     on_window : callable, optional
-        ``on_window(first_step, terms)`` with ``terms`` of shape
-        ``(steps, 4)`` (``ELBOTerms.NAMES``), after every finite window.
+        ``on_window(first_record, terms)`` with ``terms`` of shape
+        ``(records, 5)`` (``ELBOTerms.NAMES``), after every finite window.
 
     Returns
     -------
@@ -100,9 +118,11 @@ def train(
         finite) parameters.
     """
     lr = learning_rate
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizers = [torch.optim.Adam(params, lr=lr)] if params else []
+    if sparse_params:
+        optimizers.append(torch.optim.SparseAdam(sparse_params, lr=lr))
     history = {name: [] for name in ELBOTerms.NAMES}
-    snapshot = _snapshot(module, optimizer)
+    snapshot = _snapshot(module, optimizers)
     buffer: list[torch.Tensor] = []
     prev_mean = prev_var = None
     plateaus = 0
@@ -113,11 +133,13 @@ def train(
     it = 0
     window_start = 0
     while it < max_iter:
-        optimizer.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         terms = objective()
         loss = -terms.elbo * scale
         loss.backward()
-        optimizer.step()
+        for opt in optimizers:
+            opt.step()
         buffer.append(terms.stacked())
         it += 1
         if len(buffer) < check_every and it < max_iter:
@@ -125,10 +147,13 @@ def train(
 
         values = torch.stack(buffer).cpu().double().numpy()
         buffer = []
-        if not (np.isfinite(values).all() and _all_finite(params)):
+        if steps_per_record > 1:
+            whole = len(values) // steps_per_record * steps_per_record
+            values = values[:whole].reshape(-1, steps_per_record, values.shape[1]).mean(1)
+        if not (np.isfinite(values).all() and _all_finite(params + (sparse_params or []))):
             rollbacks += 1
             if rollbacks > max_rollbacks:
-                _restore(module, optimizer, snapshot, lr)
+                _restore(module, optimizers, snapshot, lr)
                 message = (
                     f"the ELBO became non-finite {rollbacks} times even after the "
                     f"learning rate was reduced to {lr:.2e}; stopped at the last "
@@ -137,7 +162,7 @@ def train(
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
                 break
             lr = lr / 4.0
-            _restore(module, optimizer, snapshot, lr)
+            _restore(module, optimizers, snapshot, lr)
             if verbose:
                 print(f"[spfa] step {it}: non-finite ELBO; rolled back, lr -> {lr:.2e}")
             # the failed window's steps are not recorded; the budget is still spent
@@ -147,15 +172,18 @@ def train(
         for j, name in enumerate(ELBOTerms.NAMES):
             history[name].extend(values[:, j].tolist())
         if on_window is not None:
-            on_window(window_start, values)
+            on_window(window_start // steps_per_record, values)
         window_start = it
-        snapshot = _snapshot(module, optimizer)
+        snapshot = _snapshot(module, optimizers)
 
         elbo = values[:, 0]
         mean, var = elbo.mean(), elbo.var(ddof=1) if len(elbo) > 1 else 0.0
+        if steps_per_record > 1:
+            var = 0.0  # records are whole passes: no batch-to-batch spread
         if verbose:
-            print(f"[spfa] step {it:6d}  elbo {mean:.6g}  lr {lr:.2e}")
-        if prev_mean is not None and len(elbo) == check_every:
+            unit = "step" if steps_per_record == 1 else "pass"
+            print(f"[spfa] {unit} {it // steps_per_record:6d}  elbo {mean:.6g}  lr {lr:.2e}")
+        if prev_mean is not None and len(elbo) * steps_per_record == check_every:
             se = math.sqrt((var + prev_var) / len(elbo))
             if mean - prev_mean < tol * abs(mean) + 2.0 * se:
                 plateaus += 1
@@ -163,8 +191,7 @@ def train(
                     converged = True
                     break
                 lr = lr / plateau_factor
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                _set_lr(optimizers, lr)
         prev_mean, prev_var = mean, var
 
     return TrainResult(it, converged, history, rollbacks, message)

@@ -250,15 +250,15 @@ def counts_design():
 def test_zero_truncated_fit_sees_only_the_non_zeros(counts_design, monkeypatch):
     x = sp.csr_matrix(counts_design.x)
     seen = {}
-    original = SparseFactorAnalysis._observations
+    original = SparseFactorAnalysis._batches
 
-    def spy(self, *args):
-        obs = original(self, *args)
-        seen["entries"] = obs.x.numel()
-        seen["values"] = obs.x.min().item()
-        return obs
+    def spy(self, *args, **kwargs):
+        data = original(self, *args, **kwargs)
+        batch = data.batch(0)
+        seen["entries"], seen["values"] = batch.x.numel(), batch.x.min().item()
+        return data
 
-    monkeypatch.setattr(SparseFactorAnalysis, "_observations", spy)
+    monkeypatch.setattr(SparseFactorAnalysis, "_batches", spy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         est = SparseFactorAnalysis(

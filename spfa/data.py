@@ -1,0 +1,177 @@
+"""The data as the ELBO sees them: on the device, whole or in minibatches of rows.
+
+A :class:`RowBatches` holds ``X`` on the device once, dense or -- for a
+``scipy.sparse`` matrix -- in compressed (CSR) form, and hands out one batch
+of rows at a time:
+
+* ``"grid"`` batches are a dense ``[b, p]`` block of the batch's rows (made
+  from the compressed rows, so no ``n x p`` array is ever built), with a mask
+  where entries are missing (NaN);
+* ``"entries"`` batches list the batch's observed non-zero entries
+  ``(rows[e], cols[e], x[e])``: what a zero-truncated likelihood fits, at a
+  cost that scales with their number.
+
+The rows are shuffled once into a fixed partition of ``ceil(n / batch_size)``
+batches; each pass visits them in a new random order. A batch's terms are
+scaled by the number of batches, so each step's ELBO is an unbiased estimate of
+the whole data set's, and a pass's mean is the ELBO itself (up to the drift of
+the parameters during the pass).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .model import ELBOTerms
+
+__all__ = ["Batch", "RowBatches"]
+
+
+class Batch:
+    """One batch: ``x`` (``[b, p]`` or ``[m]``), ``mask`` or None, sample ids ``rows``.
+
+    ``cols`` is None for a grid batch; for an entries batch ``entry_rows`` and
+    ``cols`` give each entry's sample and feature.
+    """
+
+    __slots__ = ("x", "mask", "rows", "entry_rows", "cols")
+
+    def __init__(self, x, mask, rows, entry_rows=None, cols=None):
+        self.x, self.mask, self.rows = x, mask, rows
+        self.entry_rows, self.cols = entry_rows, cols
+
+    def terms(self, model, log_s, expectation, generator, scale: float):
+        """The ELBO's terms of this batch, scaled (see :meth:`SparseFactorModel.elbo_terms`)."""
+        index_rows = self.rows if self.cols is None else self.entry_rows
+        return model.elbo_terms(
+            self.x,
+            self.mask,
+            log_s,
+            expectation,
+            generator,
+            index_rows,
+            self.cols,
+            batch=self.rows,
+            scale=scale,
+        )
+
+
+class RowBatches:
+    """``X`` on the device, split into batches of rows.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, p) or scipy.sparse matrix
+        Validated data, NaN where missing (stored NaN for sparse input).
+    log_s : ndarray of shape (n,) or None
+        Log size factors.
+    batch_size : int or None
+        Rows per batch; None for one batch of all rows.
+    entries : bool
+        Hand out the observed non-zero entries instead of dense blocks.
+    device : torch.device
+    seed : int
+        Seed of the fixed partition and of each pass's order.
+    """
+
+    def __init__(self, X, log_s, batch_size, *, entries: bool, device, seed: int):
+        n, p = X.shape
+        self.shape = (n, p)
+        self.device = device
+        self.entries = entries
+        self._rng = np.random.default_rng(seed)
+        b = n if batch_size is None else min(int(batch_size), n)
+        perm = self._rng.permutation(n) if b < n else np.arange(n)
+        self.bounds = [(a, min(a + b, n)) for a in range(0, n, b)]
+        self.n_batches = len(self.bounds)
+        self._perm = torch.as_tensor(perm, dtype=torch.long, device=device)
+        self.log_s = None if log_s is None else self._float(np.asarray(log_s)[:, None])
+        self.sparse = sp.issparse(X) or entries
+        if self.sparse:
+            X = sp.csr_matrix(X)[perm] if b < n else sp.csr_matrix(X)
+            X.sort_indices()
+            keep = ~np.isnan(X.data)
+            if entries:
+                keep &= X.data != 0
+            self.has_missing = bool((~keep).any()) and not entries
+            if not keep.all() and entries:
+                X = sp.csr_matrix((np.where(keep, X.data, 0.0), X.indices, X.indptr), X.shape)
+                X.eliminate_zeros()
+            coo_rows = np.repeat(np.arange(n), np.diff(X.indptr))
+            self._indptr = X.indptr.astype(np.int64)  # host: batch boundaries, no sync
+            self._rows = torch.as_tensor(coo_rows, dtype=torch.long, device=device)
+            self._cols = torch.as_tensor(X.indices, dtype=torch.long, device=device)
+            self._values = self._float(X.data)
+            n_nan = 0 if entries else int(np.isnan(X.data).sum())
+            self.n_observed = X.nnz if entries else n * p - n_nan
+            self.n_evaluated = X.nnz if entries else n * p
+        else:
+            X = np.asarray(X)
+            self._dense = self._float(X[perm] if b < n else X)
+            n_nan = int(np.isnan(X).sum())
+            self.has_missing = n_nan > 0
+            self.n_observed = n * p - n_nan
+            self.n_evaluated = n * p
+        self._order = list(range(self.n_batches))
+        self._next = self.n_batches
+        # one batch of everything: made once, not at every step
+        self._single = self._make(0) if self.n_batches == 1 else None
+
+    def _float(self, a) -> torch.Tensor:
+        a = np.asarray(a, dtype=np.float32)  # a copy unless already float32
+        if not a.flags.writeable:
+            a = a.copy()
+        return torch.as_tensor(a, device=self.device)
+
+    def batch(self, i: int) -> Batch:
+        """Batch ``i`` of the fixed partition."""
+        return self._single if self._single is not None else self._make(i)
+
+    def _make(self, i: int) -> Batch:
+        a, e = self.bounds[i]
+        rows = self._perm[a:e]
+        if self.sparse:
+            e0, e1 = int(self._indptr[a]), int(self._indptr[e])
+            cols, values = self._cols[e0:e1], self._values[e0:e1]
+            if self.entries:
+                return Batch(values, None, rows, self._perm[self._rows[e0:e1]], cols)
+            x = torch.zeros((e - a, self.shape[1]), dtype=values.dtype, device=self.device)
+            x[self._rows[e0:e1] - a, cols] = values
+        else:
+            x = self._dense[a:e]
+        mask = None
+        if self.has_missing:
+            nan = torch.isnan(x)
+            mask = (~nan).to(x.dtype)
+            x = torch.where(nan, torch.zeros_like(x), x)
+        return Batch(x, mask, rows)
+
+    def next_batch(self) -> Batch:
+        """The next batch of the current pass; a new pass starts in a new random order."""
+        if self._next >= self.n_batches:
+            self._order = self._rng.permutation(self.n_batches).tolist()
+            self._next = 0
+        i = self._order[self._next]
+        self._next += 1
+        return self.batch(i)
+
+    def __iter__(self):
+        """Every batch once, in the fixed order (for evaluation)."""
+        return (self.batch(i) for i in range(self.n_batches))
+
+    def step_terms(self, model, expectation, generator):
+        """One step's unbiased estimate of the whole ELBO, from the next batch."""
+        return self.next_batch().terms(
+            model, self.log_s, expectation, generator, float(self.n_batches)
+        )
+
+    def total_terms(self, model, expectation, generator) -> ELBOTerms:
+        """The whole ELBO, summed over every batch (call under ``torch.no_grad()``)."""
+        err = kl_l = 0.0
+        for batch in self:
+            terms = batch.terms(model, self.log_s, expectation, generator, 1.0)
+            err, kl_l = err + terms.err, kl_l + terms.kl_l
+        # the factors' and intercept's KL do not depend on the batch: counted once
+        return ELBOTerms(err, kl_l, terms.kl_f, terms.kl_b)

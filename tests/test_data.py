@@ -1,0 +1,144 @@
+"""Row batches: sparse and dense agree, the step ELBO is unbiased, minibatch fits work
+without ever densifying sparse input."""
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+from spfa import SparseFactorAnalysis
+from spfa.data import RowBatches
+from spfa.evaluation import relative_error
+from spfa.expectation import GaussHermite
+from spfa.likelihoods import get_likelihood
+from spfa.model import SparseFactorModel
+from spfa.simulate import simulate, simulate_sparse_counts
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def counts():
+    x = simulate("poisson", n=50, p=30, pi0=(0.3, 0.6), slab_sd=(1.0, 1.5), seed=5).x
+    x[3, 4] = x[10, 0] = np.nan  # missing entries
+    return x
+
+
+def _model(n, p, likelihood="poisson"):
+    lik = get_likelihood(likelihood)
+    lik.initialize(np.ones(p), np.ones(p))
+    model = SparseFactorModel(n, p, 2, lik)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.copy_(0.3 * torch.randn(prm.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("entries", [False, True])
+def test_sparse_and_dense_batches_hold_the_same_data(counts, entries):
+    log_s = np.log(np.linspace(0.5, 2.0, counts.shape[0]))
+    dense = RowBatches(counts, log_s, 16, entries=entries, device=CPU, seed=0)
+    csr = RowBatches(sp.csr_matrix(counts), log_s, 16, entries=entries, device=CPU, seed=0)
+    assert dense.n_batches == csr.n_batches == 4
+    assert dense.n_observed == csr.n_observed
+    seen = []
+    for a, b in zip(dense, csr, strict=True):
+        assert torch.equal(a.rows, b.rows)
+        if entries:
+            key = lambda t: (t.entry_rows * 100 + t.cols).argsort()  # noqa: E731
+            ka, kb = key(a), key(b)
+            assert torch.equal(a.x[ka], b.x[kb]) and torch.equal(a.cols[ka], b.cols[kb])
+            assert bool((a.x > 0).all())
+        else:
+            assert torch.equal(a.x, b.x) and torch.equal(a.mask, b.mask)
+            assert not torch.isnan(a.x).any()
+        seen.append(a.rows)
+    # the batches partition the rows
+    assert sorted(torch.cat(seen).tolist()) == list(range(counts.shape[0]))
+
+
+@pytest.mark.parametrize("entries", [False, True])
+def test_step_estimates_average_to_the_whole_elbo(counts, entries):
+    # with a deterministic expectation, the mean of the scaled batch ELBOs over a
+    # pass is exactly the whole data set's ELBO: the step estimate is unbiased
+    n, p = counts.shape
+    model = _model(n, p, "zt_poisson" if entries else "poisson")
+    rule = GaussHermite(6)
+    whole = RowBatches(counts, None, None, entries=entries, device=CPU, seed=0)
+    batches = RowBatches(sp.csr_matrix(counts), None, 16, entries=entries, device=CPU, seed=1)
+    with torch.no_grad():
+        full = whole.total_terms(model, rule, None)
+        one = whole.step_terms(model, rule, None)
+        summed = batches.total_terms(model, rule, None)
+        steps = [batches.step_terms(model, rule, None) for _ in range(batches.n_batches)]
+    assert float(one.elbo) == pytest.approx(float(full.elbo), rel=1e-6)
+    assert float(summed.elbo) == pytest.approx(float(full.elbo), rel=1e-5)
+    mean_step = np.mean([float(t.elbo) for t in steps])
+    assert mean_step == pytest.approx(float(full.elbo), rel=1e-5)
+    # each step's factors' KL is counted once, not once per batch
+    assert float(steps[0].kl_f) == pytest.approx(float(full.kl_f), rel=1e-6)
+
+
+def test_minibatch_updates_only_the_batch_rows():
+    x = simulate("poisson", n=40, p=20, seed=2).x
+    est = SparseFactorAnalysis(2, batch_size=10, max_iter=1, random_state=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(x)
+    assert est.n_iter_ == 1  # one pass of 4 steps
+    assert len(est.history_["elbo"]) == 1
+
+
+def test_sparse_input_is_never_densified_whole(monkeypatch):
+    sim = simulate_sparse_counts(600, 200, k=3, seed=3)
+    import spfa.estimator as estimator_module
+
+    # chunks of 64 rows: every dense block the fit may make is at most 64 x p
+    monkeypatch.setattr(estimator_module, "INIT_ENTRIES", 64 * 200)
+    original = sp.csr_matrix.toarray
+    shapes = []
+
+    def guarded(self, *args, **kwargs):
+        shapes.append(self.shape)
+        if self.shape[0] > 64:
+            raise AssertionError(f"densified {self.shape}")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(sp.csr_matrix, "toarray", guarded)
+    est = SparseFactorAnalysis(3, batch_size=100, max_iter=30, random_state=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(sim.x, size_factors=sim.size_factors)
+        Z = est.transform(sim.x[:100], size_factors=sim.size_factors[:100])
+    assert np.isfinite(est.loadings_).all() and Z.shape == (100, 3)
+    assert shapes and max(shape[0] for shape in shapes) <= 64  # the guard saw the blocks
+    with pytest.raises(AssertionError, match="densified"):
+        sim.x.toarray()  # and it works
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("likelihood", ["gaussian", "poisson"])
+def test_minibatch_fit_matches_full_batch_quality(likelihood):
+    # the notebook's sanity-check design, 4 batches of 25 rows
+    errors = {}
+    for batch_size in (None, 25):
+        err = []
+        for seed in (1, 2):
+            sim = simulate(likelihood, seed=seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                est = SparseFactorAnalysis(
+                    3, likelihood=likelihood, batch_size=batch_size, random_state=0, device="cpu"
+                ).fit(sp.csr_matrix(sim.x) if likelihood == "poisson" else sim.x)
+            err.append(relative_error(est.inverse_transform(est.loadings_), sim.mean))
+        errors[batch_size] = np.mean(err)
+    assert errors[25] < errors[None] + 0.03, errors
+
+
+def test_bad_batch_size(counts):
+    with pytest.raises(ValueError, match="batch_size"):
+        SparseFactorAnalysis(2, batch_size=0).fit(np.nan_to_num(counts))
