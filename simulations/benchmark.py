@@ -61,12 +61,12 @@ HELDOUT_FRACTION = 0.05
 METRICS = ("error", "similarity", "loadings_ap", "factors_ap", "heldout_loglik", "seconds")
 
 
-def run_method(name, fn, sim, x_masked, heldout, k, seed, max_iter):
+def run_method(name, fn, sim, x_masked, heldout, k, seed, max_iter, spfa_kw=None):
     lik = sim.likelihood
     row = dict(method=name, status="ok", note="")
     try:
         if name == "spfa":
-            fit = fit_spfa(x_masked, k, lik, sim.size_factors, seed)
+            fit = fit_spfa(x_masked, k, lik, sim.size_factors, seed, **(spfa_kw or {}))
         else:
             kw = {} if name in ("truncated_svd", "factor_analysis") else dict(max_iter=max_iter)
             x_in = x_masked if name in ACCEPTS_MISSING else sim.x
@@ -133,6 +133,12 @@ def main(argv=None):
     parser.add_argument("--large", action="store_true", help="add the 5,000 x 2,000 design")
     parser.add_argument("--methods", nargs="+", default=["spfa", *PEERS], choices=["spfa", *PEERS])
     parser.add_argument("--max-iter", type=int, default=1000, help="iterative peers' cap")
+    parser.add_argument(
+        "--large-batch-size",
+        type=int,
+        default=128,
+        help="spfa's batch_size on the large design (0: full batch)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +160,10 @@ def main(argv=None):
         print(f"\n== {design} seed {seed} ({n} x {p}, k={k}) ==", flush=True)
         for name in args.methods:
             fn = PEERS.get(name)
-            row = run_method(name, fn, sim, x_masked, heldout, k, seed, args.max_iter)
+            spfa_kw = {}
+            if design == "poisson_large" and args.large_batch_size > 0:
+                spfa_kw["batch_size"] = args.large_batch_size
+            row = run_method(name, fn, sim, x_masked, heldout, k, seed, args.max_iter, spfa_kw)
             row = dict(design=design, seed=seed, **row)
             rows.append(row)
             vals = "  ".join(f"{m}={row[m]:.3g}" for m in METRICS if isinstance(row.get(m), float))

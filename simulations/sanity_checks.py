@@ -334,6 +334,12 @@ def main(argv=None):
         "--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS), help="designs to run"
     )
     parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="spfa's batch_size (minibatch training; default: full batch)",
+    )
+    parser.add_argument(
         "--notebook-epochs",
         type=int,
         default=4000,
@@ -361,9 +367,16 @@ def main(argv=None):
                     sim.size_factors,
                     seed,
                     log_dir=out / "tensorboard" / f"{design}-seed{seed}",
+                    batch_size=args.batch_size,
                 ),
                 "truth": fit_spfa(
-                    sim.x, K, lik, sim.size_factors, seed, init=(sim.loadings, sim.factors)
+                    sim.x,
+                    K,
+                    lik,
+                    sim.size_factors,
+                    seed,
+                    init=(sim.loadings, sim.factors),
+                    batch_size=args.batch_size,
                 ),
                 "svd": fit_svd(sim.x, K, lik, sim.size_factors, seed),
             }

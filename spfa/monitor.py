@@ -1,7 +1,8 @@
 """What a fit records while it trains: TensorBoard scalars and the in-memory history.
 
 Tags (the seed notebook's): ``loss/elbo``, ``loss/err`` (expected
-log-likelihood), ``loss/kl_l``, ``loss/kl_f``, every step; and the learned
+log-likelihood), ``loss/kl_l``, ``loss/kl_f``, every step (every pass, as the
+mean of its steps, in minibatch training); and the learned
 per-factor priors ``prior/{loadings,factors}_{pi,scale}/<k>``, once per window
 of the stopping rule. ``history`` holds the same values.
 """
