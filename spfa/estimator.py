@@ -26,7 +26,7 @@ from ._validation import (
     resolve_device,
 )
 from .data import RowBatches
-from .expectation import GaussHermite, MonteCarlo
+from .expectation import get_expectation
 from .initialization import PIP_INIT, initialize
 from .likelihoods import get_likelihood
 from .model import SparseFactorModel
@@ -242,17 +242,13 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         check_positive_int(self.n_components, "n_components")
         check_positive_int(self.n_mc_samples, "n_mc_samples")
         check_positive_int(self.n_quadrature_nodes, "n_quadrature_nodes")
-        if self.expectation not in ("mc", "quadrature"):
-            raise ValueError(f"expectation must be 'mc' or 'quadrature', got {self.expectation!r}")
+        get_expectation(self.expectation, 1)  # ValueError for an unknown rule
         check_positive_int(self.max_iter, "max_iter")
         check_positive_float(self.tol, "tol", allow_zero=True)
         check_positive_float(self.learning_rate, "learning_rate")
         if self.batch_size is not None:
             check_positive_int(self.batch_size, "batch_size")
         return self._make_likelihood(), resolve_device(self.device)
-
-    def _tensor(self, a):
-        return None if a is None else torch.as_tensor(a, dtype=torch.float32, device=self.device_)
 
     def _data(self, X, size_factors, *, reset, likelihood):
         """Validated ``X`` (dense with NaN, or CSR: never densified) and size factors."""
@@ -305,9 +301,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
 
     def _expectation(self, n_mc_samples: int):
         """The rule for ``E_q[log p]``; Monte Carlo with ``n_mc_samples`` draws."""
-        if self.expectation == "quadrature":
-            return GaussHermite(self.n_quadrature_nodes)
-        return MonteCarlo(n_mc_samples)
+        n = self.n_quadrature_nodes if self.expectation == "quadrature" else n_mc_samples
+        return get_expectation(self.expectation, n)
 
     def _generator(self, seed: int) -> torch.Generator:
         gen = torch.Generator(device=self.device_)
