@@ -30,7 +30,7 @@ __all__ = ["Batch", "RowBatches"]
 
 
 class Batch:
-    """One batch: ``x`` (``[b, p]`` or ``[m]``), ``mask`` or None, sample ids ``rows``.
+    """One batch: ``x`` (``[b, p]`` or ``[m]``), ``mask`` or None, sample ids ``rows`` (None: all).
 
     ``cols`` is None for a grid batch; for an entries batch ``entry_rows`` and
     ``cols`` give each entry's sample and feature.
@@ -131,7 +131,8 @@ class RowBatches:
 
     def _make(self, i: int) -> Batch:
         a, e = self.bounds[i]
-        rows = self._perm[a:e]
+        # one batch of all rows in their own order: no gather of the loadings per step
+        rows = None if self.n_batches == 1 else self._perm[a:e]
         if self.sparse:
             e0, e1 = int(self._indptr[a]), int(self._indptr[e])
             cols, values = self._cols[e0:e1], self._values[e0:e1]

@@ -426,7 +426,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
 
         monitor = Monitor(model, self.log_dir)
         try:
-            result = self._train(model, objective, data, model.loadings, monitor)
+            result = self._train(model, objective, data, monitor)
         finally:
             monitor.close()
 
@@ -449,13 +449,13 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             )
         return self
 
-    def _train(self, model, objective, data: RowBatches, loadings, monitor=None):
+    def _train(self, model, objective, data: RowBatches, monitor=None):
         """Adam over everything that requires a gradient; with several batches,
         the loadings of each batch's rows by SparseAdam (only where used), and
         ``max_iter``, the stopping rule and the history count passes."""
         passes = data.n_batches
         model.sparse_rows = passes > 1
-        local = loadings.variational_parameters() if passes > 1 else []
+        local = model.loadings.variational_parameters() if passes > 1 else []
         params = [p for p in model.parameters() if p.requires_grad]
         params = [p for p in params if all(p is not q for q in local)]
         try:
@@ -599,7 +599,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         def objective():
             return data.step_terms(model, expectation, gen)
 
-        result = self._train(model, objective, data, model.loadings)
+        result = self._train(model, objective, data)
         return model, data, result
 
     def _init_loadings(self, model, X, s, means=None) -> None:

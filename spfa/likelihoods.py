@@ -23,6 +23,7 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import stats
 
 from ._validation import check_positive_int
 from .expectation import Expectation
@@ -545,8 +546,6 @@ class ZeroTruncatedPoisson(Poisson):
         return x * log_mu - torch.exp(log_mu) - torch.lgamma(x + 1.0) - log1mexp_from_log(log_mu)
 
     def sample(self, mean, rng):
-        from scipy import stats
-
         p0 = np.exp(-mean)
         return stats.poisson.ppf(rng.uniform(p0, 1.0), mean).astype(np.float64)
 
@@ -573,8 +572,6 @@ class ZeroTruncatedNegativeBinomial(NegativeBinomial):
         return super().log_prob(x, eta, log_s, rows, cols) - log1mexp_from_log(log_a)
 
     def sample(self, mean, rng):
-        from scipy import stats
-
         r = self.inverse_dispersion.detach().cpu().double().numpy()
         prob = r / (r + mean)
         p0 = np.exp(r * np.log(prob))
