@@ -431,8 +431,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             monitor.close()
 
         elbo = self._paired_elbo(model, data)
-        self._prune(model, elbo)
-        self.elbo_contribution_, order = self._rank(model, elbo)
+        self.elbo_contribution_, order = self._prune_and_rank(model, elbo)
         self.training_size_factors_ = s
         self._store(model, result, monitor, order)
         if not likelihood.is_count:
@@ -500,46 +499,59 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         for side in (model.loadings, model.factors):
             side.active[k] = 1.0 if on else 0.0
 
-    def _prune(self, model: SparseFactorModel, elbo) -> None:
-        """Switch off each factor whose removal does not lower the ELBO.
+    def _prune_and_rank(self, model: SparseFactorModel, elbo) -> tuple[np.ndarray, np.ndarray]:
+        """Switch off the factors the data do not support; order the rest by ELBO contribution.
 
-        A factor the data do not support ends training with a posterior close
-        to its prior and a tiny slab scale; its ``pi`` is then not identified
-        and its PIPs are meaningless. Empirical Bayes takes the boundary
-        ``pi = 0`` wherever the ELBO there is at least as high. Factors are
-        tried from the smallest ``||E[l_k]|| ||E[f_k]||`` up; the ELBO is
-        evaluated with common random numbers, so the comparison is paired.
+        *Pruning.* A factor the data do not support ends training with a
+        posterior close to its prior and a tiny slab scale; its ``pi`` is then
+        not identified and its PIPs are meaningless. Empirical Bayes takes the
+        boundary ``pi = 0`` wherever the ELBO there is at least as high.
+        Factors are tried from the smallest ``||E[l_k]|| ||E[f_k]||`` up; the
+        ELBO is evaluated with common random numbers, so each comparison is
+        paired.
+
+        *Ranking.* The contribution of factor ``k`` is ``ELBO - ELBO(without
+        k)`` with the other kept factors as fitted (paired draws); 0 for a
+        pruned factor. A factor tried after the last pruned one was tried in
+        exactly that state, so its trial is reused; only the factors tried
+        before a later pruning are evaluated again. Typically the pruned
+        factors are the smallest and are tried first, and the whole selection
+        costs ``k + 1`` evaluations of the ELBO rather than ``2k + 1``.
+
+        The model is permuted in place (kept factors by decreasing
+        contribution, pruned ones last); returns the contributions in the new
+        order and the permutation (new factor ``i`` was factor ``order[i]`` in
+        training).
         """
         with torch.no_grad():
             size = model.loadings.moments().mean.norm(dim=0) * model.factors.moments().mean.norm(
                 dim=0
             )
+        tried = torch.argsort(size).tolist()
         best = elbo()
-        for k in torch.argsort(size).tolist():
+        without: dict[int, float] = {}
+        last_pruned = -1
+        for position, k in enumerate(tried):
             self._switch(model, k, False)
             trial = elbo()
             if np.isfinite(trial) and trial >= best:
-                best = trial
+                best, last_pruned = trial, position
                 if self.verbose:
                     print(f"pruned factor {k}: the ELBO is no lower without it")
             else:
                 self._switch(model, k, True)
-
-    def _rank(self, model: SparseFactorModel, elbo) -> tuple[np.ndarray, np.ndarray]:
-        """Order the factors by their ELBO contribution, pruned ones last.
-
-        The contribution of factor ``k`` is ``ELBO - ELBO(without k)`` with the
-        other factors as fitted (paired draws); 0 for a pruned factor. The
-        model is permuted in place; returns the contributions in the new order
-        and the permutation (new factor ``i`` was factor ``order[i]`` in training).
-        """
+                without[k] = trial
+        # `best` is the ELBO of the kept factors, with the same draws
+        contribution = np.zeros(len(tried))
+        for position, k in enumerate(tried):
+            if k not in without:
+                continue
+            if position < last_pruned:  # tried while a later-pruned factor was still on
+                self._switch(model, k, False)
+                without[k] = elbo()
+                self._switch(model, k, True)
+            contribution[k] = best - without[k]
         active = model.factors.active.cpu().numpy() > 0
-        full = elbo()
-        contribution = np.zeros(active.size)
-        for k in np.flatnonzero(active):
-            self._switch(model, k, False)
-            contribution[k] = full - elbo()
-            self._switch(model, k, True)
         order = np.lexsort((-contribution, ~active))
         index = torch.as_tensor(order, device=model.factors.active.device)
         model.loadings.permute_(index)

@@ -111,17 +111,17 @@ class SparseFactorModel(torch.nn.Module):
         if self.intercept is not None:
             mb, vb = self.intercept.moments()
         if cols is None:
-            mean = ml @ mf.T
-            var = (vl + ml**2) @ vf.T + vl @ (mf**2).T
-        else:
-            mf, vf = mf[cols], vf[cols]
-            mean = (ml * mf).sum(-1)
-            var = ((vl + ml**2) * vf + vl * mf**2).sum(-1)
-            if mb is not None:
-                mb, vb = mb[cols], vb[cols]
+            # one product per moment, the intercept added in the same pass (addmm)
+            lhs, rhs = torch.cat([vl + ml**2, vl], 1), torch.cat([vf, mf**2], 1)
+            if mb is None:
+                return ml @ mf.T, lhs @ rhs.T
+            return torch.addmm(mb, ml, mf.T), torch.addmm(vb, lhs, rhs.T)
+        mf, vf = mf[cols], vf[cols]
+        mean = (ml * mf).sum(-1)
+        var = ((vl + ml**2) * vf + vl * mf**2).sum(-1)
         if mb is not None:
-            mean = mean + mb
-            var = var + vb
+            mean = mean + mb[cols]
+            var = var + vb[cols]
         return mean, var
 
     def intercept_mean(self) -> torch.Tensor:

@@ -322,6 +322,47 @@ def test_pruned_factors_are_switched_off_and_reported():
     assert np.all(est.transform(sim.x[:10])[:, off] == 0)
 
 
+@pytest.mark.parametrize("late_prune", [False, True])
+def test_prune_and_rank_reuses_trials_exactly(late_prune):
+    """Contributions equal ELBO(kept) - ELBO(kept without k), evaluated directly."""
+    from spfa.likelihoods import Gaussian
+    from spfa.model import SparseFactorModel
+
+    k = 4
+    model = SparseFactorModel(6, 5, k, Gaussian())
+    with torch.no_grad():  # sizes ||E[l_k]|| ||E[f_k]|| increase with k: tried in order 0..3
+        model.loadings.logits.fill_(5.0)
+        model.factors.logits.fill_(5.0)
+        model.loadings.mean.copy_(torch.arange(1.0, k + 1).expand(6, k))
+    # factor 0 and (late_prune) factor 2 lower the ELBO; factors 1 and 3 interact
+    weight = np.array([-1.0, 2.0, -0.5 if late_prune else 1.0, 3.0])
+    calls = []
+
+    def elbo():
+        on = model.factors.active.numpy().copy()
+        calls.append(on)
+        return float(weight @ on + 0.7 * on[1] * on[3])
+
+    est = SparseFactorAnalysis(k)
+    contribution, order = est._prune_and_rank(model, elbo)
+    kept = sorted({1, 3} | (set() if late_prune else {2}))
+    np.testing.assert_array_equal(np.sort(order[: len(kept)]), kept)
+    final = np.isin(np.arange(k), kept).astype(float)
+    direct = {}
+    for j in kept:
+        without = final.copy()
+        without[j] = 0
+        direct[j] = float(weight @ final + 0.7 * final[1] * final[3]) - float(
+            weight @ without + 0.7 * without[1] * without[3]
+        )
+    np.testing.assert_allclose(contribution[: len(kept)], [direct[j] for j in order[: len(kept)]])
+    assert np.all(contribution[len(kept) :] == 0)
+    assert np.all(np.diff(contribution[: len(kept)]) <= 0)
+    # one evaluation per factor plus the start; a late pruning re-evaluates the earlier kept ones
+    assert len(calls) == k + 1 + (1 if late_prune else 0)
+    np.testing.assert_array_equal(model.factors.active.numpy(), final[order])
+
+
 def test_posterior_summaries_agree_with_attributes(fitted, counts):
     post = fitted.factors_posterior()
     np.testing.assert_allclose(post.mean, fitted.components_.T, rtol=1e-6, atol=1e-12)

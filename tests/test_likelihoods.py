@@ -171,6 +171,10 @@ def test_softplus_log_is_accurate_across_switch():
     np.testing.assert_allclose(got.detach().double().numpy(), want, rtol=2e-6, atol=1e-6)
     got.sum().backward()
     assert torch.isfinite(eta32.grad).all()
+    # d/deta log softplus(eta) = sigmoid(eta) / softplus(eta), in float64
+    e = eta.numpy()
+    slope = np.exp(-np.logaddexp(0, -e) - np.log(np.logaddexp(0, e)))
+    np.testing.assert_allclose(eta32.grad.double().numpy(), slope, rtol=1e-5, atol=1e-6)
 
 
 def test_registry_and_errors():
