@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT / "simulations"))
 import benchmark  # noqa: E402
 import choose_k  # noqa: E402
 import sanity_checks  # noqa: E402
+import scale  # noqa: E402
 
 import figures  # noqa: E402
 
@@ -83,3 +84,22 @@ def test_choose_k_smoke(capsys):
     assert [(m, k) for m, k, _, _ in rows] == [("mask", 1), ("mask", 3), ("thin", 1), ("thin", 3)]
     assert all(kept <= k for _, k, _, kept in rows)
     assert "held-out loglik" in capsys.readouterr().out
+
+
+def test_scale_smoke(tmp_path, capsys):
+    """One small size, spfa and a peer, each in its own process; the figure is written."""
+    rows = scale.main(
+        ["--ns", "1000", "--p", "150", "--k", "3", "--batch-size", "50", "--max-iter", "7"]
+        + ["--peers", "glmpca", "--peer-max-iter", "20", "--out", str(tmp_path)]
+    )
+    ours, peer = rows
+    assert ours["method"] == "spfa" and ours["status"] == "ok" and ours["passes"] == 7
+    assert 0 < ours["error"] < 1 and ours["peak_rss_gib"] > 0 and ours["seconds_per_pass"] > 0
+    assert ours["nnz"] < 0.5 * 1000 * 150  # simulated sparse
+    # GLM-PCA is an optional extra: fitted where installed, reported as missing otherwise
+    assert peer["method"] == "glmpca"
+    assert peer["status"] == "ok" or peer["status"].startswith("not installed")
+    if peer["status"] == "ok":
+        assert np.isfinite(peer["error"]) and peer["fit_seconds"] > 0
+    assert (tmp_path / "scale.png").is_file() and (tmp_path / "scale.json").is_file()
+    assert "glmpca" in capsys.readouterr().out
