@@ -35,20 +35,26 @@ def check_positive_float(value, name: str, allow_zero: bool = False) -> float:
     return float(value)
 
 
+#: values checked at a time, so that validation's temporaries stay small
+_CHUNK = 2**22
+
+
 def check_count_values(values: np.ndarray) -> None:
-    """ValueError unless every (observed) value is a non-negative integer."""
-    if not values.size:
-        return
-    if values.min() < 0:
-        raise ValueError(
-            "Negative values in data passed to a count likelihood: X has negative "
-            "values; counts must be non-negative integers"
-        )
-    if not np.all(values == np.round(values)):
-        raise ValueError(
-            "X has non-integer values; count likelihoods need integer counts "
-            "(use likelihood='gaussian' for continuous data)"
-        )
+    """ValueError unless every non-NaN value is a non-negative integer (NaN is missing)."""
+    flat = values.reshape(-1)
+    for start in range(0, flat.size, _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        chunk = chunk[~np.isnan(chunk)]
+        if chunk.size and chunk.min() < 0:
+            raise ValueError(
+                "Negative values in data passed to a count likelihood: X has negative "
+                "values; counts must be non-negative integers"
+            )
+        if not np.all(chunk == np.round(chunk)):
+            raise ValueError(
+                "X has non-integer values; count likelihoods need integer counts "
+                "(use likelihood='gaussian' for continuous data)"
+            )
 
 
 def check_data(estimator, X, *, reset: bool, count: bool):
@@ -69,7 +75,8 @@ def check_data(estimator, X, *, reset: bool, count: bool):
     -------
     X : ndarray of shape (n, p), float64, or scipy.sparse.csr_matrix
         NaN where missing (a stored NaN in a sparse matrix); implicit zeros of
-        a sparse matrix are observed zeros.
+        a sparse matrix are observed zeros. A sparse matrix keeps its dtype
+        (float32 or float64): no copy of a large matrix is made just to widen it.
     """
     X = validate_data(
         estimator,
@@ -84,16 +91,19 @@ def check_data(estimator, X, *, reset: bool, count: bool):
     )
     # Only the stored values need checking: implicit zeros are valid for every likelihood.
     values = X.data if sp.issparse(X) else X
-    missing = np.isnan(values)
     if count:
-        check_count_values(values[~missing])
-    if missing.all() and (not sp.issparse(X) or X.nnz == X.shape[0] * X.shape[1]):
+        check_count_values(values)
+    everything_stored = not sp.issparse(X) or X.nnz == X.shape[0] * X.shape[1]
+    if everything_stored and _all_nan(values):
         raise ValueError("X has no observed entries (every entry is NaN)")
     if sp.issparse(X):
-        X = sp.csr_matrix(X, dtype=np.float64)
-        X.sort_indices()
-        return X
+        return sp.csr_matrix(X)
     return np.asarray(X, dtype=np.float64)
+
+
+def _all_nan(values: np.ndarray) -> bool:
+    flat = values.reshape(-1)
+    return all(np.isnan(flat[i : i + _CHUNK]).all() for i in range(0, flat.size, _CHUNK))
 
 
 def dense_rows(X, rows=None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -105,7 +115,10 @@ def dense_rows(X, rows=None) -> tuple[np.ndarray, np.ndarray | None]:
     mask : ndarray of the same shape, 1.0 where observed, or None if all are
     """
     block = X if rows is None else X[rows]
-    x = block.toarray() if sp.issparse(block) else np.array(block, dtype=np.float64, copy=True)
+    if sp.issparse(block):
+        x = block.toarray().astype(np.float64, copy=False)
+    else:
+        x = np.array(block, dtype=np.float64, copy=True)
     nan = np.isnan(x)
     if nan.any():
         x[nan] = 0.0

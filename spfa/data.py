@@ -90,8 +90,10 @@ class RowBatches:
         self.log_s = None if log_s is None else self._float(np.asarray(log_s)[:, None])
         self.sparse = sp.issparse(X) or entries
         if self.sparse:
-            X = sp.csr_matrix(X)[perm] if b < n else sp.csr_matrix(X)
-            X.sort_indices()
+            # one permuted copy in X's own dtype, which becomes the device tensors
+            # (on the CPU without a further copy when X is float32)
+            X = sp.csr_matrix(X)
+            X = X[perm] if b < n else X
             keep = ~np.isnan(X.data)
             if entries:
                 keep &= X.data != 0
@@ -99,10 +101,11 @@ class RowBatches:
             if not keep.all() and entries:
                 X = sp.csr_matrix((np.where(keep, X.data, 0.0), X.indices, X.indptr), X.shape)
                 X.eliminate_zeros()
-            coo_rows = np.repeat(np.arange(n), np.diff(X.indptr))
+            del keep
             self._indptr = X.indptr.astype(np.int64)  # host: batch boundaries, no sync
-            self._rows = torch.as_tensor(coo_rows, dtype=torch.long, device=device)
-            self._cols = torch.as_tensor(X.indices, dtype=torch.long, device=device)
+            # 4 + 4 bytes per stored entry on the device; each entry's row is
+            # recovered per batch from the host indptr
+            self._cols = torch.as_tensor(X.indices.astype(np.int32, copy=False), device=device)
             self._values = self._float(X.data)
             n_nan = 0 if entries else int(np.isnan(X.data).sum())
             self.n_observed = X.nnz if entries else n * p - n_nan
@@ -136,10 +139,11 @@ class RowBatches:
         if self.sparse:
             e0, e1 = int(self._indptr[a]), int(self._indptr[e])
             cols, values = self._cols[e0:e1], self._values[e0:e1]
+            local = self._local_rows(a, e)
             if self.entries:
-                return Batch(values, None, rows, self._perm[self._rows[e0:e1]], cols)
+                return Batch(values, None, rows, self._perm[a:e][local], cols)
             x = torch.zeros((e - a, self.shape[1]), dtype=values.dtype, device=self.device)
-            x[self._rows[e0:e1] - a, cols] = values
+            x[local, cols] = values
         else:
             x = self._dense[a:e]
         mask = None
@@ -148,6 +152,13 @@ class RowBatches:
             mask = (~nan).to(x.dtype)
             x = torch.where(nan, torch.zeros_like(x), x)
         return Batch(x, mask, rows)
+
+    def _local_rows(self, a: int, e: int) -> torch.Tensor:
+        """Row (within rows ``a:e``) of each stored entry of those rows, ``[nnz]``."""
+        counts = torch.as_tensor(np.diff(self._indptr[a : e + 1]), device=self.device)
+        rows = torch.arange(e - a, device=self.device)
+        total = int(self._indptr[e] - self._indptr[a])  # known on the host: no sync
+        return torch.repeat_interleave(rows, counts, output_size=total)
 
     def next_batch(self) -> Batch:
         """The next batch of the current pass; a new pass starts in a new random order."""

@@ -61,6 +61,27 @@ def test_sparse_and_dense_batches_hold_the_same_data(counts, entries):
     assert sorted(torch.cat(seen).tolist()) == list(range(counts.shape[0]))
 
 
+def test_float32_sparse_input_is_neither_copied_nor_widened(counts):
+    from spfa._validation import check_data
+
+    x64 = sp.csr_matrix(np.nan_to_num(counts))
+    x32 = x64.astype(np.float32)
+    est = SparseFactorAnalysis(2)
+    checked = check_data(est, x32, reset=True, count=True)
+    assert checked.dtype == np.float32 and np.shares_memory(checked.data, x32.data)
+    a = RowBatches(x32, None, 16, entries=False, device=CPU, seed=0)
+    b = RowBatches(x64, None, 16, entries=False, device=CPU, seed=0)
+    assert a._cols.dtype == torch.int32 and a._values.dtype == torch.float32
+    for u, v in zip(a, b, strict=True):
+        assert torch.equal(u.x, v.x) and torch.equal(u.rows, v.rows)
+    # the same fit either way: the batches hold float32 values in both cases
+    fits = [
+        SparseFactorAnalysis(2, batch_size=16, max_iter=20, random_state=0).fit(x)
+        for x in (x32, x64)
+    ]
+    np.testing.assert_allclose(fits[0].loadings_, fits[1].loadings_, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("entries", [False, True])
 def test_step_estimates_average_to_the_whole_elbo(counts, entries):
     # with a deterministic expectation, the mean of the scaled batch ELBOs over a
