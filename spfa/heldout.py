@@ -113,6 +113,10 @@ def thin_counts(X, fraction=0.1, random_state=None):
     return train, test
 
 
+#: entries scored at a time: the held-out score works in blocks of rows
+CHUNK_ENTRIES = 2**22
+
+
 def heldout_log_likelihood(
     estimator, X, *, entries=None, size_factors=None, n_draws=100, random_state=0
 ):
@@ -122,8 +126,10 @@ def heldout_log_likelihood(
     ----------
     estimator : SparseFactorAnalysis
         Fitted to data with the same rows and columns as ``X``.
-    X : array-like of shape (n_samples, n_features)
-        Data to score (the held-out values; other entries are ignored).
+    X : array-like or scipy.sparse matrix of shape (n_samples, n_features)
+        Data to score (the held-out values; other entries are ignored). A
+        sparse matrix (e.g. the test half of :func:`thin_counts`) is scored in
+        blocks of rows and never densified whole.
     entries : ndarray of bool, shape (n_samples, n_features), default=None
         Which entries to score; None scores every non-NaN entry.
     size_factors : array-like of shape (n_samples,), default=None
@@ -137,43 +143,74 @@ def heldout_log_likelihood(
     -------
     float
         ``mean over entries of log (1/S) sum_s p(x_ij | eta^(s)_ij)``; higher is better.
+
+    Notes
+    -----
+    The rows are scored in blocks of about ``CHUNK_ENTRIES`` entries. Draw
+    ``s`` of ``F`` and ``b`` is the same for every block (one seed per draw),
+    and each block draws its own rows of ``L``, which ``q`` makes independent
+    of the other rows'. Memory is ``O(block)``, whatever ``n``.
     """
     check_is_fitted(estimator)
     n_draws = check_positive_int(n_draws, "n_draws")
     model = estimator._training_model()
     n, p = model.loadings.mean.shape[0], estimator.n_features_in_
-    x = _dense(X)
-    if x.shape != (n, p):
+    X = sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else _dense(X)
+    if X.shape != (n, p):
         raise ValueError(
-            f"X has shape {x.shape}; heldout_log_likelihood scores the training rows, ({n}, {p})"
+            f"X has shape {X.shape}; heldout_log_likelihood scores the training rows, ({n}, {p})"
         )
-    if entries is None:
-        entries = ~np.isnan(x)
-    entries = np.asarray(entries, dtype=bool)
-    if entries.shape != x.shape:
-        raise ValueError(f"entries must have shape {x.shape}, got {entries.shape}")
-    if not model.likelihood.observes_zeros:
-        # a zero-truncated model gives the density of a count given that it is non-zero
-        entries = entries & ~(np.nan_to_num(x, nan=1.0) == 0)
-    if np.isnan(x[entries]).any():
-        raise ValueError("X is NaN at some of the entries to score")
-    if not entries.any():
-        raise ValueError("no entries to score")
+    if entries is not None:
+        entries = np.asarray(entries, dtype=bool)
+        if entries.shape != X.shape:
+            raise ValueError(f"entries must have shape {X.shape}, got {entries.shape}")
     s = check_size_factors(size_factors, n)
     device = estimator.device_
-    xt = torch.as_tensor(np.where(entries, x, 0.0), dtype=torch.float32, device=device)
-    log_s = None
-    if s is not None:
-        log_s = torch.as_tensor(np.log(s)[:, None], dtype=torch.float32, device=device)
-    gen = estimator._generator(int(check_random_state(random_state).randint(2**31 - 1)))
+    rng = check_random_state(random_state)
+    global_seeds = rng.randint(2**31 - 1, size=n_draws)
+    row_gen = estimator._generator(int(rng.randint(2**31 - 1)))
+    total, count = 0.0, 0
+    step = max(1, CHUNK_ENTRIES // p)
+    for a in range(0, n, step):
+        e = min(a + step, n)
+        x = X[a:e].toarray() if sp.issparse(X) else X[a:e]
+        scored = ~np.isnan(x) if entries is None else entries[a:e]
+        if not model.likelihood.observes_zeros:
+            # a zero-truncated model gives the density of a count given that it is non-zero
+            scored = scored & ~(np.nan_to_num(x, nan=1.0) == 0)
+        if not scored.any():
+            continue
+        if np.isnan(x[scored]).any():
+            raise ValueError("X is NaN at some of the entries to score")
+        density = _log_predictive(
+            model,
+            torch.as_tensor(np.where(scored, x, 0.0), dtype=torch.float32, device=device),
+            None if s is None else np.log(s[a:e]),
+            torch.arange(a, e, device=device),
+            global_seeds,
+            row_gen,
+            estimator._generator,
+        )
+        mask = torch.as_tensor(scored, device=device)
+        total += float(density[mask].sum())
+        count += int(scored.sum())
+    if count == 0:
+        raise ValueError("no entries to score")
+    return total / count
+
+
+def _log_predictive(model, x, log_s, rows, global_seeds, row_gen, make_generator):
+    """``log (1/S) sum_s p(x | eta^(s))`` for the block of rows ``rows``, float64."""
+    device = x.device
+    if log_s is not None:
+        log_s = torch.as_tensor(log_s[:, None], dtype=torch.float32, device=device)
+    running = None
     with torch.no_grad():
-        running = None
-        for _ in range(n_draws):
-            lp = model.likelihood.log_prob(xt, model.sample_eta(gen), log_s).double()
+        for seed in global_seeds:
+            eta = model.sample_eta(make_generator(int(seed)), rows=rows, row_generator=row_gen)
+            lp = model.likelihood.log_prob(x, eta, log_s, rows).double()
             running = lp if running is None else torch.logaddexp(running, lp)
-        density = running - math.log(n_draws)
-        mask = torch.as_tensor(entries, device=device)
-        return float(density[mask].mean())
+    return running - math.log(len(global_seeds))
 
 
 def heldout_score(

@@ -182,9 +182,27 @@ class SparseFactorModel(torch.nn.Module):
         return ELBOTerms(scale * ll.sum(), scale * kl_l, self.factors.kl(), kl_b)
 
     @torch.no_grad()
-    def sample_eta(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One draw of ``eta = L F^T + b`` with ``L, F, b`` drawn jointly from ``q``, ``[n, p]``."""
-        eta = self.loadings.sample(generator) @ self.factors.sample(generator).T
+    def sample_eta(
+        self,
+        generator: torch.Generator | None = None,
+        rows: torch.Tensor | None = None,
+        row_generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """One draw of ``eta = L F^T + b`` with ``L, F, b`` drawn jointly from ``q``.
+
+        Parameters
+        ----------
+        generator : torch.Generator, optional
+            Draws ``F`` and ``b`` (and ``L`` unless ``row_generator`` is given).
+        rows : Tensor of int, optional
+            Draw only these samples' loadings: ``eta`` is ``[len(rows), p]``
+            rather than ``[n, p]``.
+        row_generator : torch.Generator, optional
+            Draws the loadings, so that one seed of ``generator`` gives the
+            same ``F`` and ``b`` to every block of rows.
+        """
+        loadings = self.loadings.sample(row_generator or generator, rows)
+        eta = loadings @ self.factors.sample(generator).T
         if self.intercept is not None:
             eta = eta + self.intercept.sample(generator)
         return eta

@@ -143,11 +143,15 @@ class PointNormal(torch.nn.Module):
         return torch.exp(-0.5 * self.log_prec)
 
     @torch.no_grad()
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One draw of the whole matrix from ``q``, ``[m, k]``."""
-        on = torch.rand(self.mean.shape, generator=generator, device=self.mean.device) < self.pip
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
-        return torch.where(on, self.mean + self.slab_sd() * eps, torch.zeros_like(self.mean))
+    def sample(
+        self, generator: torch.Generator | None = None, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One draw from ``q`` of the whole matrix, ``[m, k]``, or of the rows ``rows``."""
+        logits, mean, log_prec = self._rows(rows, sparse=False)
+        pip = torch.sigmoid(logits) * self.active
+        on = torch.rand(mean.shape, generator=generator, device=mean.device) < pip
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device)
+        return torch.where(on, mean + torch.exp(-0.5 * log_prec) * eps, torch.zeros_like(mean))
 
     @torch.no_grad()
     def permute_(self, order: torch.Tensor) -> None:

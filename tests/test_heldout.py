@@ -81,6 +81,35 @@ def test_heldout_log_likelihood_matches_scipy_monte_carlo(sim):
         heldout_log_likelihood(est, x_train, entries=heldout)
 
 
+def test_heldout_log_likelihood_in_blocks_of_rows_and_from_sparse(sim, monkeypatch):
+    """Sparse test counts are scored without densifying; blocks of rows agree with one block."""
+    import spfa.heldout as heldout_module
+
+    x_train, x_test = thin_counts(sp.csr_matrix(sim.x), 0.2, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = SparseFactorAnalysis(3, max_iter=200, random_state=0, device="cpu").fit(x_train)
+    s = np.full(sim.x.shape[0], 0.25)
+    whole = heldout_log_likelihood(est, x_test, size_factors=s, n_draws=300)
+    dense = heldout_log_likelihood(est, x_test.toarray(), size_factors=s, n_draws=300)
+    assert dense == pytest.approx(whole, rel=1e-6)  # same blocks, same draws
+    monkeypatch.setattr(heldout_module, "CHUNK_ENTRIES", 7 * sim.x.shape[1])  # 22 blocks
+    monkeypatch.setattr(sp.csr_matrix, "toarray", _refuse_more_than(7))
+    blocks = heldout_log_likelihood(est, x_test, size_factors=s, n_draws=300)
+    assert blocks == pytest.approx(whole, rel=5e-3)  # other draws of L: Monte Carlo only
+    assert np.isfinite(blocks) and blocks < 0
+
+
+def _refuse_more_than(max_rows):
+    dense = sp.csr_matrix.toarray
+
+    def toarray(self, *args, **kwargs):
+        assert self.shape[0] <= max_rows, f"densified {self.shape[0]} rows"
+        return dense(self, *args, **kwargs)
+
+    return toarray
+
+
 @pytest.mark.parametrize("method", ["mask", "thin"])
 def test_heldout_score_picks_the_planted_number_of_factors(sim, method):
     """Rank 3 planted: the held-out score rises up to k = 3 and is flat after it
