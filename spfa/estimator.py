@@ -454,7 +454,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         ``max_iter``, the stopping rule and the history count passes."""
         passes = data.n_batches
         model.sparse_rows = passes > 1
-        local = model.loadings.variational_parameters() if passes > 1 else []
+        local = model.row_parameters() if passes > 1 else []
         params = [p for p in model.parameters() if p.requires_grad]
         params = [p for p in params if all(p is not q for q in local)]
         try:
@@ -599,8 +599,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         self._init_loadings(model, X, s)
         model.requires_grad_(False)
         # the new rows' own parameters: q(L) and any per-sample likelihood parameters
-        params = model.loadings.variational_parameters()
-        params += [getattr(model.likelihood, name) for name in model.likelihood.row_parameters]
+        params = model.row_parameters()
         for prm in params:
             prm.requires_grad_(True)
         rng = check_random_state(self.random_state)

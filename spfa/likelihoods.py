@@ -108,6 +108,9 @@ class Likelihood(torch.nn.Module):
     #: names of parameters with one row per sample (``[n, d]``): like the
     #: loadings they are refitted for new samples and not shared
     row_parameters: tuple[str, ...] = ()
+    #: gather per-sample parameters with sparse gradients (set by the model
+    #: during minibatch training, so that SparseAdam updates only the batch's rows)
+    sparse_rows: bool = False
 
     def __init__(self, link: str | Link = "softplus"):
         super().__init__()
@@ -141,15 +144,20 @@ class Likelihood(torch.nn.Module):
         """A per-feature parameter ``[p]`` for the grid (``[p]``) or the entries (``[m]``)."""
         return param if cols is None or param.dim() == 0 else param[cols]
 
-    @staticmethod
     def per_entry(
+        self,
         row_factors: torch.Tensor,
         feature_factors: torch.Tensor,
         rows: torch.Tensor | None,
         cols: torch.Tensor | None,
     ) -> torch.Tensor:
         """Low-rank term ``U V^T`` (``U``: ``[n, d]``, ``V``: ``[p, d]``) at the entries."""
-        u = row_factors if rows is None else row_factors[rows]
+        if rows is None:
+            u = row_factors
+        elif self.sparse_rows:
+            u = F.embedding(rows, row_factors, sparse=True)
+        else:
+            u = row_factors[rows]
         if cols is None:
             return u @ feature_factors.T
         return (u * feature_factors[cols]).sum(-1)

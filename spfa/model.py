@@ -80,9 +80,23 @@ class SparseFactorModel(torch.nn.Module):
         self.fit_intercept = fit_intercept
         self.intercept = NormalEffect(n_features) if fit_intercept else None
         likelihood.initialize_rows(n_samples)
-        #: gather the loadings of a batch with sparse gradients (minibatch training
-        #: with SparseAdam); False: dense gradients, for Adam over all rows
         self.sparse_rows = False
+
+    @property
+    def sparse_rows(self) -> bool:
+        """Gather a batch's per-sample parameters (loadings, and the likelihood's
+        ``row_parameters``) with sparse gradients, for minibatch training with
+        SparseAdam; False: dense gradients, for Adam over all rows."""
+        return self.likelihood.sparse_rows
+
+    @sparse_rows.setter
+    def sparse_rows(self, value: bool) -> None:
+        self.likelihood.sparse_rows = bool(value)
+
+    def row_parameters(self) -> list[torch.nn.Parameter]:
+        """Every per-sample parameter: the loadings' and the likelihood's."""
+        own = [getattr(self.likelihood, name) for name in self.likelihood.row_parameters]
+        return self.loadings.variational_parameters() + own
 
     def global_parameters(self) -> list[torch.nn.Parameter]:
         """Everything shared by all samples: factors, priors, intercept, nuisance."""

@@ -75,10 +75,12 @@ def test_float32_sparse_input_is_neither_copied_nor_widened(counts):
     for u, v in zip(a, b, strict=True):
         assert torch.equal(u.x, v.x) and torch.equal(u.rows, v.rows)
     # the same fit either way: the batches hold float32 values in both cases
-    fits = [
-        SparseFactorAnalysis(2, batch_size=16, max_iter=20, random_state=0).fit(x)
-        for x in (x32, x64)
-    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fits = [
+            SparseFactorAnalysis(2, batch_size=16, max_iter=20, random_state=0).fit(x)
+            for x in (x32, x64)
+        ]
     np.testing.assert_allclose(fits[0].loadings_, fits[1].loadings_, rtol=1e-4, atol=1e-6)
 
 
@@ -163,3 +165,39 @@ def test_minibatch_fit_matches_full_batch_quality(likelihood):
 def test_bad_batch_size(counts):
     with pytest.raises(ValueError, match="batch_size"):
         SparseFactorAnalysis(2, batch_size=0).fit(np.nan_to_num(counts))
+
+
+def test_minibatch_gradients_of_per_sample_parameters_are_sparse(counts):
+    """Under minibatching every per-sample parameter (loadings, the full NB's ``u``)
+    gets a sparse gradient on the batch's rows only, so SparseAdam leaves the other
+    rows exactly where they are (no momentum drift)."""
+    from spfa.likelihoods import NegativeBinomial
+
+    x = np.nan_to_num(counts)
+    n, p = x.shape
+    lik = NegativeBinomial(dispersion="full")
+    lik.initialize(np.ones(p), np.ones(p))
+    model = SparseFactorModel(n, p, 2, lik)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.copy_(0.3 * torch.randn(prm.shape, generator=gen))
+    local = model.row_parameters()
+    assert any(prm is lik.dispersion_rows for prm in local) and len(local) == 4
+    data = RowBatches(x, None, 16, entries=False, device=CPU, seed=0)
+    model.sparse_rows = True
+    batch = data.next_batch()
+    terms = batch.terms(model, None, GaussHermite(3), gen, float(data.n_batches))
+    terms.elbo.backward()
+    for prm in local:
+        assert prm.grad.is_sparse
+        touched = prm.grad.coalesce().indices()[0].unique()
+        assert set(touched.tolist()) <= set(batch.rows.tolist())
+    before = [prm.detach().clone() for prm in local]
+    torch.optim.SparseAdam(local, lr=0.1).step()
+    outside = np.setdiff1d(np.arange(n), batch.rows.numpy())
+    for prm, old in zip(local, before, strict=True):
+        assert torch.equal(prm.detach()[outside], old[outside])
+        assert not torch.equal(prm.detach()[batch.rows], old[batch.rows])
+    model.sparse_rows = False
+    assert not lik.sparse_rows
