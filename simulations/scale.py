@@ -22,7 +22,8 @@ hits a cap is reported as such, not dropped.
         [--peers glmpca mofa+] [--peer-max-n 30000]
 
 A figure of time per pass, fit time and peak memory against n is written to
-``--out``/scale.png (and copied to figures/ by scripts/figures.sh).
+``--out``/scale.png; ``scripts/scale.sh`` runs both measurements of the README
+and copies their figures to figures/.
 """
 
 from __future__ import annotations
@@ -182,11 +183,10 @@ def plot(rows, path):
     axes[2].set(xlabel="cells n", ylabel="GiB", title="memory", xscale="log", yscale="log")
     axes[2].legend(fontsize=8)
     p, k, b = ours[0]["p"], ours[0]["k"], ours[0]["batch_size"]
-    passes = "to convergence" if all(r["passes"] < r["max_iter"] for r in ours) else "capped"
-    fig.suptitle(
-        f"p = {p}, k = {k}; spfa batch {b} on {ours[0]['device']}, passes {passes}; "
-        "peers on the dense matrix"
-    )
+    converged = all(r["passes"] < r["max_iter"] for r in ours)
+    passes = "run to convergence" if converged else f"{ours[0]['passes']} passes each"
+    peers = "; peers on the dense matrix" if len(methods) > 1 else ""
+    fig.suptitle(f"p = {p}, k = {k}; spfa batch {b} on {ours[0]['device']}, {passes}{peers}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
