@@ -175,13 +175,9 @@ def test_minibatch_gradients_of_per_sample_parameters_are_sparse(counts):
 
     x = np.nan_to_num(counts)
     n, p = x.shape
-    lik = NegativeBinomial(dispersion="full")
-    lik.initialize(np.ones(p), np.ones(p))
-    model = SparseFactorModel(n, p, 2, lik)
+    model = _model(n, p, NegativeBinomial(dispersion="full"))
+    lik = model.likelihood
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for prm in model.parameters():
-            prm.copy_(0.3 * torch.randn(prm.shape, generator=gen))
     local = model.row_parameters()
     assert any(prm is lik.dispersion_rows for prm in local) and len(local) == 4
     data = RowBatches(x, None, 16, entries=False, device=CPU, seed=0)
