@@ -138,7 +138,8 @@ class RowBatches:
         rows = None if self.n_batches == 1 else self._perm[a:e]
         if self.sparse:
             e0, e1 = int(self._indptr[a]), int(self._indptr[e])
-            cols, values = self._cols[e0:e1], self._values[e0:e1]
+            # int64 indices for this batch only (stored as int32)
+            cols, values = self._cols[e0:e1].long(), self._values[e0:e1]
             local = self._local_rows(a, e)
             if self.entries:
                 return Batch(values, None, rows, self._perm[a:e][local], cols)

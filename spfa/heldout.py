@@ -155,7 +155,7 @@ def heldout_log_likelihood(
     n_draws = check_positive_int(n_draws, "n_draws")
     model = estimator._training_model()
     n, p = model.loadings.mean.shape[0], estimator.n_features_in_
-    X = sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else _dense(X)
+    X = sp.csr_matrix(X) if sp.issparse(X) else _dense(X)  # sparse: no copy, own dtype
     if X.shape != (n, p):
         raise ValueError(
             f"X has shape {X.shape}; heldout_log_likelihood scores the training rows, ({n}, {p})"
@@ -173,7 +173,7 @@ def heldout_log_likelihood(
     step = max(1, CHUNK_ENTRIES // p)
     for a in range(0, n, step):
         e = min(a + step, n)
-        x = X[a:e].toarray() if sp.issparse(X) else X[a:e]
+        x = X[a:e].toarray().astype(np.float64, copy=False) if sp.issparse(X) else X[a:e]
         scored = ~np.isnan(x) if entries is None else entries[a:e]
         if not model.likelihood.observes_zeros:
             # a zero-truncated model gives the density of a count given that it is non-zero
