@@ -197,3 +197,23 @@ def test_minibatch_gradients_of_per_sample_parameters_are_sparse(counts):
         assert not torch.equal(prm.detach()[batch.rows], old[batch.rows])
     model.sparse_rows = False
     assert not lik.sparse_rows
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("entries", [False, True])
+def test_sparse_batches_on_cuda_match_cpu(counts, entries):
+    """The compressed layout (int32 columns, rows from the host indptr) on a GPU."""
+    x = sp.csr_matrix(np.nan_to_num(counts))
+    cuda = torch.device("cuda")
+    on_cpu = RowBatches(x, None, 16, entries=entries, device=CPU, seed=0)
+    on_gpu = RowBatches(x, None, 16, entries=entries, device=cuda, seed=0)
+    for a, b in zip(on_cpu, on_gpu, strict=True):
+        assert b.x.device.type == "cuda"
+        assert torch.equal(a.x, b.x.cpu()) and torch.equal(a.rows, b.rows.cpu())
+        if entries:
+            assert torch.equal(a.entry_rows, b.entry_rows.cpu())
+    est = SparseFactorAnalysis(2, batch_size=16, max_iter=5, device="cuda", random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(x)
+    assert np.all(np.isfinite(est.transform(x[:7])))
