@@ -103,6 +103,8 @@ class RowBatches:
                 X.eliminate_zeros()
             del keep
             self._indptr = X.indptr.astype(np.int64)  # host: batch boundaries, no sync
+            # and on the device: entries per row, with no host-to-device copy per step
+            self._indptr_device = torch.as_tensor(self._indptr, device=device)
             # 4 + 4 bytes per stored entry on the device; each entry's row is
             # recovered per batch from the host indptr
             self._cols = torch.as_tensor(X.indices.astype(np.int32, copy=False), device=device)
@@ -156,7 +158,7 @@ class RowBatches:
 
     def _local_rows(self, a: int, e: int) -> torch.Tensor:
         """Row (within rows ``a:e``) of each stored entry of those rows, ``[nnz]``."""
-        counts = torch.as_tensor(np.diff(self._indptr[a : e + 1]), device=self.device)
+        counts = torch.diff(self._indptr_device[a : e + 1])
         rows = torch.arange(e - a, device=self.device)
         total = int(self._indptr[e] - self._indptr[a])  # known on the host: no sync
         return torch.repeat_interleave(rows, counts, output_size=total)
