@@ -438,9 +438,12 @@ class NegativeBinomial(Likelihood):
             + x * F.logsigmoid(logits)
         )
 
+    def _baseline_inverse_dispersion(self) -> np.ndarray:
+        """Per-feature (or shared) ``r``, numpy; for ``"full"`` the baseline ``exp(bound(a_j))``."""
+        return torch.exp(_bound_log_r(self.log_inverse_dispersion)).detach().cpu().double().numpy()
+
     def variance_function(self, mu):
-        r = torch.exp(_bound_log_r(self.log_inverse_dispersion)).detach().cpu().double().numpy()
-        return mu + mu**2 / r
+        return mu + mu**2 / self._baseline_inverse_dispersion()
 
     def sample(self, mean, rng):
         # numpy's NB(n, p) has mean n (1 - p) / p: n = r, p = r / (r + mean)
@@ -448,9 +451,7 @@ class NegativeBinomial(Likelihood):
         return rng.negative_binomial(r, r / (r + mean)).astype(np.float64)
 
     def fitted_attributes(self):
-        # per feature; for "full", the baseline exp(bound(a_j)) of the per-entry r
-        r = torch.exp(_bound_log_r(self.log_inverse_dispersion)).detach().cpu().double().numpy()
-        r = np.broadcast_to(r, (self.n_features,)).copy()
+        r = np.broadcast_to(self._baseline_inverse_dispersion(), (self.n_features,)).copy()
         out = {"inverse_dispersion_": r, "dispersion_": 1.0 / r}
         if self.dispersion == "full":
             out["dispersion_row_factors_"] = self.dispersion_rows.detach().cpu().double().numpy()
