@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --upgrade pip
 python3 -m pip install -q "torch==2.13.0" -e ".[bench]"
-python3 simulations/sanity_checks.py --n-reps 10 --out runs/sanity
-python3 simulations/benchmark.py --n-reps 3 --out runs/benchmark "$@"
-python3 simulations/figures.py --sanity runs/sanity --benchmark runs/benchmark --out figures
+python3 -m simulations.sanity_checks --n-reps 10 --out runs/sanity
+python3 -m simulations.benchmark --n-reps 3 --out runs/benchmark "$@"
+python3 -m simulations.figures --sanity runs/sanity --benchmark runs/benchmark --out figures
 cp runs/benchmark/benchmark.md figures/benchmark.md

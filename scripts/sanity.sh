@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --upgrade pip
 python3 -m pip install -q "torch==2.13.0" -e .
-python3 simulations/sanity_checks.py "$@"
+python3 -m simulations.sanity_checks "$@"

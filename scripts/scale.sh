@@ -7,9 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --upgrade pip
 python3 -m pip install -q "torch==2.13.0" -e ".[bench]"
-python3 simulations/scale.py --ns 10000 30000 100000 200000 --p 5000 --batch-size 128 \
+python3 -m simulations.scale --ns 10000 30000 100000 200000 --p 5000 --batch-size 128 \
     --max-iter 5 --out runs/scale "$@"
-python3 simulations/scale.py --ns 10000 30000 --p 5000 --batch-size 128 --max-iter 300 \
+python3 -m simulations.scale --ns 10000 30000 --p 5000 --batch-size 128 --max-iter 300 \
     --peers glmpca mofa+ --peer-max-n 30000 --peer-timeout 1200 --out runs/scale_peers "$@"
 cp runs/scale/scale.png figures/scale.png
 cp runs/scale_peers/scale.png figures/scale_peers.png

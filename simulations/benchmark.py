@@ -20,24 +20,19 @@ see every entry, which can only help them); wall time. Writes
 
 Usage::
 
-    python simulations/benchmark.py [--n-reps 3] [--large] [--out runs/benchmark]
+    python -m simulations.benchmark [--n-reps 3] [--large] [--out runs/benchmark]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import traceback
 from pathlib import Path
 
 import numpy as np
 
-from spfa.evaluation import match_factors, relative_error, support_recovery
-from spfa.simulate import simulate
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import (  # noqa: E402
+from simulations.peers import (
     ACCEPTS_MISSING,
     PEERS,
     NotApplicable,
@@ -45,7 +40,9 @@ from peers import (  # noqa: E402
     fit_spfa,
     heldout_loglik,
 )
-from sanity_checks import DESIGNS  # noqa: E402
+from simulations.sanity_checks import DESIGNS
+from spfa.evaluation import match_factors, relative_error, support_recovery
+from spfa.simulate import simulate
 
 #: the large design: Poisson with size factors and per-gene baselines
 LARGE = dict(
@@ -123,7 +120,9 @@ def markdown(rows) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.benchmark", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--seed", type=int, default=1, help="first replicate's seed")
     parser.add_argument("--n-reps", type=int, default=3, help="replicates per small design")
     parser.add_argument("--out", default="runs/benchmark", help="output folder")

@@ -5,7 +5,7 @@ then for each k fits spfa on 80 % of the data (entries masked, or counts
 binomially thinned) and prints the mean log posterior predictive density of the
 held-out 20 % with the number of factors kept after pruning.
 
-    python simulations/choose_k.py [--ks 1 2 3 4 6] [--seed 3]
+    python -m simulations.choose_k [--ks 1 2 3 4 6] [--seed 3]
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from spfa.simulate import simulate
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.choose_k", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 6])
     parser.add_argument("--seed", type=int, default=3, help="simulation seed")
     parser.add_argument("--fraction", type=float, default=0.2, help="share held out")

@@ -6,7 +6,7 @@ Reads ``<sanity>/results.json``, ``<sanity>/pooled.npz``, ``<sanity>/example_*.n
 
 Usage::
 
-    python simulations/figures.py [--sanity runs/sanity] [--benchmark runs/benchmark] \
+    python -m simulations.figures [--sanity runs/sanity] [--benchmark runs/benchmark] \
         [--out figures]
 """
 
@@ -140,7 +140,9 @@ def peers(rows, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.figures", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--sanity", default="runs/sanity", help="sanity_checks.py output")
     parser.add_argument("--benchmark", default="runs/benchmark", help="benchmark.py output")
     parser.add_argument("--out", default="figures", help="where the PNGs go")
@@ -167,7 +169,7 @@ def main(argv=None):
         with open(bench) as fh:
             peers(list(csv.DictReader(fh)), out)
     else:
-        print(f"no {bench}: run simulations/benchmark.py for the peer figure")
+        print(f"no {bench}: run python -m simulations.benchmark for the peer figure")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ default 1.0 gives about 70 % non-zero counts; -1.5 gives sparse
 single-cell-like counts (about 20 % non-zero), where zero inflation and the
 size of the non-zero counts carry far less information.
 
-    python simulations/likelihoods.py [--n-reps 3] [--designs zinb nb_full ...] [--baseline 1]
+    python -m simulations.likelihoods [--n-reps 3] [--designs zinb nb_full ...] [--baseline 1]
 """
 
 from __future__ import annotations
@@ -160,7 +160,9 @@ def fit_one(sim, likelihood, options, seed):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.likelihoods", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--n-reps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1, help="first simulation seed")
     parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS))

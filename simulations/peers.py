@@ -47,7 +47,6 @@ class PeerFit:
     accepts_missing: bool = False
     noise_variance: np.ndarray | None = None  # (p,) Gaussian fits
     inverse_dispersion: np.ndarray | None = None  # (p,) NB fits
-    pip: bool = False  # True where the scores are posterior inclusion probabilities
     note: str = ""
     estimator: object = None
 
@@ -99,7 +98,6 @@ def fit_spfa(x, k, likelihood, size_factors=None, seed=0, log_dir=None, init=Non
         accepts_missing=True,
         noise_variance=getattr(est, "noise_variance_", None),
         inverse_dispersion=getattr(est, "inverse_dispersion_", None),
-        pip=True,
         estimator=est,
     )
 

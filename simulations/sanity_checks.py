@@ -27,14 +27,13 @@ RMSprop epochs, started at the truth) is timed next to spfa on the Poisson desig
 
 Usage::
 
-    python simulations/sanity_checks.py [--seed 1] [--n-reps 10] [--out runs/sanity]
+    python -m simulations.sanity_checks [--seed 1] [--n-reps 10] [--out runs/sanity]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from simulations.notebook import NotebookModel
+from simulations.peers import fit_spfa, fit_svd
 from spfa.evaluation import (
     calibration,
     match_factors,
@@ -50,12 +51,8 @@ from spfa.evaluation import (
     support_recovery,
     truth_in_estimate_gauge,
 )
-from spfa.posterior import PointNormalPosterior
+from spfa.priors import PointNormalPosterior
 from spfa.simulate import SANITY_PI0, SANITY_SLAB_SD, simulate
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from notebook import NotebookModel  # noqa: E402
-from peers import fit_spfa, fit_svd  # noqa: E402
 
 #: design name -> simulate() arguments
 DESIGNS = {
@@ -326,7 +323,9 @@ def _print_posterior(summary):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.sanity_checks", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--seed", type=int, default=1, help="first replicate's seed")
     parser.add_argument("--n-reps", type=int, default=10, help="replicates per design")
     parser.add_argument("--out", default="runs/sanity", help="output folder")

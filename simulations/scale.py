@@ -17,7 +17,7 @@ as their documentation asks); each run is capped at ``--peer-timeout`` seconds
 and, through ``RLIMIT_DATA``, at ``--peer-memory-gib`` of heap, and a peer that
 hits a cap is reported as such, not dropped.
 
-    python simulations/scale.py [--ns 10000 30000 100000 200000] [--p 5000]
+    python -m simulations.scale [--ns 10000 30000 100000 200000] [--p 5000]
         [--batch-size 128] [--max-iter 10] [--device cpu] [--out runs/scale]
         [--peers glmpca mofa+] [--peer-max-n 30000]
 
@@ -66,9 +66,7 @@ def _error_rows(n):
 
 def one_peer(method, n, p, k, max_iter, seed) -> dict:
     """Fit a peer (GLM-PCA or MOFA+) to the dense matrix in this process."""
-    sys.path.insert(0, str(ROOT / "simulations"))
-    from peers import PEERS, NotInstalled
-
+    from simulations.peers import PEERS, NotInstalled
     from spfa.simulate import simulate_sparse_counts
 
     sim = simulate_sparse_counts(n, p, k, seed=seed)
@@ -109,10 +107,10 @@ def one(n, p, k, batch_size, max_iter, device, seed) -> dict:
         k, batch_size=batch_size, max_iter=max_iter, random_state=0, device=device
     )
     # time each window of the stopping rule (whole passes) through the monitor hook
-    import spfa.estimator as estimator_module
+    import spfa.fitting as fitting_module
 
     pass_ends = []
-    monitor_cls = estimator_module.Monitor
+    monitor_cls = fitting_module.Monitor
 
     class TimedMonitor(monitor_cls):
         def __call__(self, first, terms):
@@ -120,13 +118,13 @@ def one(n, p, k, batch_size, max_iter, device, seed) -> dict:
             super().__call__(first, terms)
 
     t0 = time.perf_counter()
-    estimator_module.Monitor = TimedMonitor
+    fitting_module.Monitor = TimedMonitor
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             est.fit(sim.x, size_factors=sim.size_factors)
     finally:
-        estimator_module.Monitor = monitor_cls
+        fitting_module.Monitor = monitor_cls
     fit_seconds = time.perf_counter() - t0
     # seconds per pass from the windows after the first (which includes the start-up)
     per_pass = [
@@ -215,7 +213,9 @@ def _run(cmd, timeout, memory_gib):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.scale", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--ns", type=int, nargs="+", default=[10_000, 30_000, 100_000, 200_000])
     parser.add_argument("--p", type=int, default=5000)
     parser.add_argument("--k", type=int, default=10)
@@ -250,7 +250,8 @@ def main(argv=None):
     for n in args.ns:
         methods = ["spfa"] + (args.peers if n <= args.peer_max_n else [])
         for method in methods:
-            cmd = [sys.executable, __file__, "--one", method, "--ns", str(n), "--p", str(args.p)]
+            cmd = [sys.executable, "-m", "simulations.scale", "--one", method]
+            cmd += ["--ns", str(n), "--p", str(args.p)]
             cmd += ["--k", str(args.k), "--batch-size", str(args.batch_size)]
             cmd += ["--max-iter", str(args.max_iter), "--device", args.device]
             cmd += ["--seed", str(args.seed), "--peer-max-iter", str(args.peer_max_iter)]

@@ -1,10 +1,14 @@
-"""spfa: variational sparse (spike-and-slab) factor analysis in PyTorch."""
+"""spfa: variational sparse factor analysis in PyTorch."""
 
+import logging
+
+from ._version import __version__
 from .estimator import SparseFactorAnalysis
 from .likelihoods import LIKELIHOODS, Likelihood, get_likelihood
 from .links import LINKS, Link
+from .priors import PRIORS
 
-__version__ = "0.1.0"
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "SparseFactorAnalysis",
@@ -12,6 +16,7 @@ __all__ = [
     "Link",
     "LIKELIHOODS",
     "LINKS",
+    "PRIORS",
     "get_likelihood",
     "__version__",
 ]

@@ -17,6 +17,8 @@ __all__ = [
     "check_size_factors",
     "resolve_device",
     "check_positive_int",
+    "check_positive_float",
+    "check_start",
 ]
 
 
@@ -57,7 +59,7 @@ def check_count_values(values: np.ndarray) -> None:
             )
 
 
-def check_data(estimator, X, *, reset: bool, count: bool):
+def check_data(estimator, X, *, reset: bool, likelihood):
     """Validate ``X``; sparse input stays sparse (CSR), nothing is densified.
 
     Parameters
@@ -68,8 +70,9 @@ def check_data(estimator, X, *, reset: bool, count: bool):
         NaN marks a missing entry.
     reset : bool
         True in ``fit``; False afterwards (the feature count must match).
-    count : bool
-        The likelihood needs non-negative integers.
+    likelihood : Likelihood
+        Its ``integer_support`` asks for non-negative integers; a model of the
+        non-zero entries only (``observes_zeros=False``) needs some.
 
     Returns
     -------
@@ -91,11 +94,15 @@ def check_data(estimator, X, *, reset: bool, count: bool):
     )
     # Only the stored values need checking: implicit zeros are valid for every likelihood.
     values = X.data if sp.issparse(X) else X
-    if count:
+    if likelihood.integer_support:
         check_count_values(values)
     everything_stored = not sp.issparse(X) or X.nnz == X.shape[0] * X.shape[1]
     if everything_stored and _all_nan(values):
         raise ValueError("X has no observed entries (every entry is NaN)")
+    if not likelihood.observes_zeros and not np.any((values != 0) & ~np.isnan(values)):
+        raise ValueError(
+            f"X has no observed non-zero entries; the {likelihood.name} likelihood fits only those"
+        )
     if sp.issparse(X):
         return sp.csr_matrix(X)
     return np.asarray(X, dtype=np.float64)
@@ -126,10 +133,15 @@ def dense_rows(X, rows=None) -> tuple[np.ndarray, np.ndarray | None]:
     return x, None
 
 
-def check_size_factors(size_factors, n_samples: int) -> np.ndarray | None:
-    """Return ``size_factors`` as float64 ``(n_samples,)`` or None; ValueError if invalid."""
+def check_size_factors(size_factors, n_samples: int, likelihood=None) -> np.ndarray | None:
+    """Return ``size_factors`` as float64 ``(n_samples,)`` or None; ValueError if invalid,
+    or if ``likelihood`` has no mean for them to scale (``positive_mean`` False)."""
     if size_factors is None:
         return None
+    if likelihood is not None and not likelihood.positive_mean:
+        raise ValueError(
+            f"size_factors are only used by count likelihoods, not by {type(likelihood).__name__}"
+        )
     s = np.asarray(size_factors, dtype=np.float64)
     if s.ndim == 2 and 1 in s.shape:
         s = s.ravel()
@@ -155,3 +167,20 @@ def resolve_device(device) -> torch.device:
             f"device={device!r} was requested but CUDA is not available; use device='cpu' or 'auto'"
         )
     return dev
+
+
+def check_start(init_loadings, init_factors, n: int, p: int, k: int):
+    """``(L0, F0)`` as float64 ``(n, k)`` and ``(p, k)`` arrays, or None if neither is given."""
+    if init_loadings is None and init_factors is None:
+        return None
+    if init_loadings is None or init_factors is None:
+        raise ValueError("init_loadings and init_factors must be given together")
+    out = []
+    for name, a, rows in (("init_loadings", init_loadings, n), ("init_factors", init_factors, p)):
+        a = np.asarray(a, dtype=np.float64)
+        if a.shape != (rows, k):
+            raise ValueError(f"{name} must have shape ({rows}, {k}), got {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} contains NaN or infinity")
+        out.append(a)
+    return tuple(out)

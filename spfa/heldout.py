@@ -153,8 +153,8 @@ def heldout_log_likelihood(
     """
     check_is_fitted(estimator)
     n_draws = check_positive_int(n_draws, "n_draws")
-    model = estimator._training_model()
-    n, p = model.loadings.mean.shape[0], estimator.n_features_in_
+    model = estimator.get_model()
+    n, p = model.loadings.m, estimator.n_features_in_
     X = sp.csr_matrix(X) if sp.issparse(X) else _dense(X)  # sparse: no copy, own dtype
     if X.shape != (n, p):
         raise ValueError(
@@ -164,11 +164,15 @@ def heldout_log_likelihood(
         entries = np.asarray(entries, dtype=bool)
         if entries.shape != X.shape:
             raise ValueError(f"entries must have shape {X.shape}, got {entries.shape}")
-    s = check_size_factors(size_factors, n)
+    s = check_size_factors(size_factors, n, model.likelihood)
     device = estimator.device_
+
+    def generator(seed: int) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(int(seed))
+
     rng = check_random_state(random_state)
     global_seeds = rng.randint(2**31 - 1, size=n_draws)
-    row_gen = estimator._generator(int(rng.randint(2**31 - 1)))
+    row_gen = generator(rng.randint(2**31 - 1))
     total, count = 0.0, 0
     step = max(1, CHUNK_ENTRIES // p)
     for a in range(0, n, step):
@@ -189,7 +193,7 @@ def heldout_log_likelihood(
             torch.arange(a, e, device=device),
             global_seeds,
             row_gen,
-            estimator._generator,
+            generator,
         )
         mask = torch.as_tensor(scored, device=device)
         total += float(density[mask].sum())
@@ -248,7 +252,10 @@ def heldout_score(
     """
     if method not in ("mask", "thin"):
         raise ValueError(f"method must be 'mask' or 'thin', got {method!r}")
-    if method == "thin" and not get_likelihood(estimator.likelihood, estimator.link).is_count:
+    if (
+        method == "thin"
+        and not get_likelihood(estimator.likelihood, estimator.link).integer_support
+    ):
         raise ValueError("method='thin' splits counts; use method='mask' for a Gaussian fit")
     fitted = clone(estimator)
     s = None if size_factors is None else np.asarray(size_factors, dtype=np.float64)

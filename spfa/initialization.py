@@ -16,40 +16,35 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.special import logit
 from sklearn.utils.extmath import randomized_svd
 
 from .likelihoods import Likelihood
 
-__all__ = ["Initialization", "initialize"]
-
-#: starting posterior inclusion probability (and prior pi) of every coefficient
-PIP_INIT = 0.9
+__all__ = ["Start", "initialize"]
 
 
 @dataclass
-class Initialization:
-    """Starting values, numpy, float64."""
+class Start:
+    """Starting point estimates and precisions (numpy, float64), handed to the
+    prior families' ``start_prior_`` / ``start_``."""
 
+    loadings: np.ndarray  # (n, k) point estimate of L
+    factors: np.ndarray  # (p, k) point estimate of F
+    loadings_precision: np.ndarray  # (n, k) data precision of each entry of L given F
+    factors_precision: np.ndarray  # (p, k) the same for F given L
     intercept: dict | None  # mean, log_var (p,); prior_mean, prior_log_prec ()
-    loadings: dict  # logits, mean, log_prec (n, k); prior_logit, prior_log_prec (k,)
-    factors: dict  # same for (p, k)
     feature_mean: np.ndarray  # (p,) mean of x / s
     feature_var: np.ndarray  # (p,) residual variance after the rank-k fit
 
 
-def _point_normal_start(m0: np.ndarray, prec: np.ndarray) -> dict:
-    """Point-normal parameters whose posterior mean is ``m0``."""
-    second = np.mean(m0**2, axis=0)
-    tau = np.where(second > 0, 1.0 / np.where(second > 0, second, 1.0), 1.0)
-    return {
-        "logits": np.full(m0.shape, logit(PIP_INIT)),
-        # E[m] = alpha * mu: start the slab mean so that E[m] = m0
-        "mean": m0 / PIP_INIT,
-        "log_prec": np.log(prec + tau),
-        "prior_logit": np.full(m0.shape[1], logit(PIP_INIT)),
-        "prior_log_prec": np.log(tau),
-    }
+def _nonnegative_signs(l0: np.ndarray, f0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flip each component's sign so that its positive parts carry the larger
+    share of ``l f^T`` (as NNDSVD, Boutsidis & Gallopoulos 2008): a non-negative
+    family then starts from the positive parts of the dominant sign."""
+    pos = np.linalg.norm(np.maximum(l0, 0), axis=0) * np.linalg.norm(np.maximum(f0, 0), axis=0)
+    neg = np.linalg.norm(np.minimum(l0, 0), axis=0) * np.linalg.norm(np.minimum(f0, 0), axis=0)
+    sign = np.where(neg > pos, -1.0, 1.0)
+    return l0 * sign, f0 * sign
 
 
 def initialize(
@@ -61,7 +56,8 @@ def initialize(
     fit_intercept: bool,
     random_state: np.random.RandomState,
     start: tuple[np.ndarray, np.ndarray] | None = None,
-) -> Initialization:
+    nonnegative: bool = False,
+) -> Start:
     """Starting values for the model and the likelihood's nuisance parameters.
 
     Parameters
@@ -81,6 +77,9 @@ def initialize(
         Given starting means of ``L`` and ``F`` (e.g. the truth, in a
         simulation), used in place of the SVD; the intercept then starts at
         the linearised fit of what ``L F^T`` leaves.
+    nonnegative : bool
+        A family on ``L`` or ``F`` is non-negative: each SVD component's sign
+        is chosen so that its positive parts dominate.
     """
     n, p = x.shape
     link = likelihood.link
@@ -106,9 +105,7 @@ def initialize(
     slope = link.derivative(eta0)
 
     likelihood.initialize(feature_mean, feature_var)
-    var_fn = likelihood.variance_function(np.maximum(mu0, 1e-12))
-    w = slope**2 / np.maximum(var_fn, 1e-300)
-    w = np.where(np.isfinite(w) & (w > 0), w, 1.0)
+    w = _working_weights(likelihood, mu0, slope)
 
     z = obs * (y - mu0) / slope
     k = n_components
@@ -129,16 +126,16 @@ def initialize(
             u, sv, vt = randomized_svd(y_w, k, random_state=random_state)
         l0 = u * np.sqrt(sv)
         f0 = (vt.T * np.sqrt(sv)) / np.sqrt(w)[:, None]
+        if nonnegative:
+            l0, f0 = _nonnegative_signs(l0, f0)
 
     # residual variance on the data scale, for the Gaussian noise and NB dispersion
     resid = obs * (z - l0 @ f0.T) * slope
     feature_var = (resid**2).sum(0) / n_obs
     likelihood.initialize(feature_mean, feature_var)
-    if not likelihood.is_count:
-        w = 1.0 / np.maximum(feature_var, 1e-12 * max(feature_var.mean(), 1e-300))
+    # the working weights again, at the nuisance parameters fitted to the residual
+    w = _working_weights(likelihood, mu0, slope)
 
-    loadings = _point_normal_start(l0, (w[None, :] * obs) @ (f0**2))
-    factors = _point_normal_start(f0, w[:, None] * (obs.T @ (l0**2)))
     intercept = None
     if fit_intercept:
         tau = 1.0 / max(float(np.var(eta0)), 1e-2)
@@ -148,4 +145,19 @@ def initialize(
             "prior_mean": np.asarray(np.mean(eta0)),
             "prior_log_prec": np.asarray(np.log(tau)),
         }
-    return Initialization(intercept, loadings, factors, feature_mean, feature_var)
+    return Start(
+        loadings=l0,
+        factors=f0,
+        loadings_precision=(w[None, :] * obs) @ (f0**2),
+        factors_precision=w[:, None] * (obs.T @ (l0**2)),
+        intercept=intercept,
+        feature_mean=feature_mean,
+        feature_var=feature_var,
+    )
+
+
+def _working_weights(likelihood: Likelihood, mu0: np.ndarray, slope: np.ndarray) -> np.ndarray:
+    """``w_j = h'(eta0_j)^2 / V(h(eta0_j))``, the precision of the working residual."""
+    var_fn = likelihood.variance_function(np.maximum(mu0, 1e-12))
+    w = slope**2 / np.maximum(var_fn, 1e-300)
+    return np.where(np.isfinite(w) & (w > 0), w, 1.0)

@@ -16,27 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Link", "Softplus", "Exp", "Sigmoid", "Identity", "LINKS", "get_link", "log_softplus"]
+from .special import log_softplus, softplus
 
-# Below this, log(softplus(eta)) = eta - e/2 + O(e^2) with e = exp(eta) < 5e-18,
-# so it is eta to within float64 rounding; above it, softplus(eta) = log1p(exp(eta))
-# is a normal float32 and its log is exact to rounding.
-_SOFTPLUS_SWITCH = -40.0
-_SOFTPLUS_LINEAR = 40.0
-
-
-def log_softplus(eta: torch.Tensor) -> torch.Tensor:
-    """``log(log(1 + exp(eta)))``, finite with finite gradients for every finite ``eta``.
-
-    ``eta`` below ``-40`` is returned as is (the limit ``log h(eta) -> eta``);
-    the other branch only sees ``eta >= -40``, so neither produces the
-    ``log(0)`` that ``torch.where`` would turn into NaN gradients. Five
-    elementwise operations: this sits in the innermost loop of every count fit.
-    """
-    inner = torch.log(
-        F.softplus(torch.clamp(eta, min=_SOFTPLUS_SWITCH), threshold=_SOFTPLUS_LINEAR)
-    )
-    return torch.where(eta < _SOFTPLUS_SWITCH, eta, inner)
+__all__ = ["Link", "Softplus", "Exp", "Sigmoid", "Identity", "LINKS", "get_link"]
 
 
 class Link:
@@ -71,8 +53,7 @@ class Softplus(Link):
     name = "softplus"
 
     def __call__(self, eta):
-        # torch returns eta above `threshold`: 20 (the default) is 2e-9 off, 40 is exact
-        return F.softplus(eta, threshold=_SOFTPLUS_LINEAR)
+        return softplus(eta)
 
     def log(self, eta):
         return log_softplus(eta)
@@ -186,6 +167,3 @@ def get_link(link: str | Link) -> Link:
     if isinstance(link, str) and link in LINKS:
         return LINKS[link]()
     raise ValueError(f"unknown link {link!r}; expected one of {sorted(LINKS)} or a Link instance")
-
-
-LOG_2PI = math.log(2.0 * math.pi)

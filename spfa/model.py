@@ -2,7 +2,8 @@
 
     x_ij | eta_ij ~ Lik(s_i h(eta_ij), theta_j),   eta = L F^T + 1 b^T
 
-with point-normal posteriors on ``L`` (``[n, k]``) and ``F`` (``[p, k]``) and,
+with a prior family (:mod:`spfa.priors`) on ``L`` (``[n, k]``) and on ``F``
+(``[p, k]``) and,
 optionally, a per-feature intercept ``b_j ~ N(b0, 1/tau_b)`` whose prior is
 learned (so it shrinks to ``b0`` when the features share a baseline). Under
 the fully factorised ``q`` the linear predictor has moments (DESIGN.md)::
@@ -22,7 +23,7 @@ import torch
 
 from .expectation import Expectation
 from .likelihoods import Likelihood
-from .priors import NormalEffect, PointNormal
+from .priors import NormalEffect, get_prior
 
 __all__ = ["ELBOTerms", "SparseFactorModel"]
 
@@ -52,7 +53,7 @@ class ELBOTerms:
 
 
 class SparseFactorModel(torch.nn.Module):
-    """Spike-and-slab factor model ``x ~ Lik(s h(L F^T + b))``.
+    """Sparse factor model ``x ~ Lik(s h(L F^T + b))``.
 
     Parameters
     ----------
@@ -63,6 +64,8 @@ class SparseFactorModel(torch.nn.Module):
     fit_intercept : bool
         Learn a per-feature intercept ``b`` (``[p]``) with an empirical-Bayes
         normal prior; otherwise ``b = 0``.
+    loadings_prior, factors_prior : str
+        Names of the prior families of ``L`` and ``F`` (:data:`spfa.priors.PRIORS`).
     """
 
     def __init__(
@@ -72,10 +75,12 @@ class SparseFactorModel(torch.nn.Module):
         n_components: int,
         likelihood: Likelihood,
         fit_intercept: bool = True,
+        loadings_prior: str = "point_normal",
+        factors_prior: str = "point_normal",
     ):
         super().__init__()
-        self.loadings = PointNormal(n_samples, n_components)
-        self.factors = PointNormal(n_features, n_components)
+        self.loadings = get_prior(loadings_prior)(n_samples, n_components)
+        self.factors = get_prior(factors_prior)(n_features, n_components)
         self.likelihood = likelihood
         self.fit_intercept = fit_intercept
         self.intercept = NormalEffect(n_features) if fit_intercept else None
@@ -95,17 +100,8 @@ class SparseFactorModel(torch.nn.Module):
 
     def row_parameters(self) -> list[torch.nn.Parameter]:
         """Every per-sample parameter: the loadings' and the likelihood's."""
-        own = [getattr(self.likelihood, name) for name in self.likelihood.row_parameters]
+        own = [self.likelihood.get_parameter(name) for name in self.likelihood.row_parameters]
         return self.loadings.variational_parameters() + own
-
-    def global_parameters(self) -> list[torch.nn.Parameter]:
-        """Everything shared by all samples: factors, priors, intercept, nuisance."""
-        params = self.factors.variational_parameters()
-        params += self.factors.prior_parameters() + self.loadings.prior_parameters()
-        if self.intercept is not None:
-            params += list(self.intercept.parameters())
-        params += list(self.likelihood.parameters())
-        return params
 
     def eta_moments(
         self, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None

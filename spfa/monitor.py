@@ -1,10 +1,12 @@
 """What a fit records while it trains: TensorBoard scalars and the in-memory history.
 
 Tags (the seed notebook's): ``loss/elbo``, ``loss/err`` (expected
-log-likelihood), ``loss/kl_l``, ``loss/kl_f``, every step (every pass, as the
-mean of its steps, in minibatch training); and the learned
-per-factor priors ``prior/{loadings,factors}_{pi,scale}/<k>``, once per window
-of the stopping rule. ``history`` holds the same values.
+log-likelihood), ``loss/kl_l``, ``loss/kl_f``, ``loss/kl_b`` every step (every
+pass, as the mean of its steps, in minibatch training); and the learned
+per-factor priors, ``prior/{loadings,factors}_<key>/<k>`` for each per-factor
+value of the families' ``prior_summary`` (``pi`` and ``scale`` for the
+point-normal family), once per window of the stopping rule. ``prior_history``
+holds the same values, keyed ``{loadings,factors}_prior_<key>``.
 """
 
 from __future__ import annotations
@@ -14,13 +16,6 @@ import numpy as np
 from .model import ELBOTerms, SparseFactorModel
 
 __all__ = ["Monitor"]
-
-PRIOR_KEYS = (
-    "loadings_prior_pi",
-    "loadings_prior_scale",
-    "factors_prior_pi",
-    "factors_prior_scale",
-)
 
 
 class Monitor:
@@ -35,7 +30,7 @@ class Monitor:
 
     def __init__(self, model: SparseFactorModel, log_dir=None):
         self.model = model
-        self.prior_history = {key: [] for key in PRIOR_KEYS}
+        self.prior_history = {key: [] for key in self.priors()}
         self.prior_history["step"] = []
         self.writer = None
         if log_dir is not None:
@@ -44,14 +39,12 @@ class Monitor:
             self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def priors(self) -> dict[str, np.ndarray]:
-        m = self.model
-        values = {
-            "loadings_prior_pi": m.loadings.prior_pi,
-            "loadings_prior_scale": m.loadings.prior_scale,
-            "factors_prior_pi": m.factors.prior_pi,
-            "factors_prior_scale": m.factors.prior_scale,
-        }
-        return {k: v.detach().cpu().double().numpy() for k, v in values.items()}
+        """The learned priors now, ``{side}_{key}`` -> ``(k,)`` or ``(k, ...)`` arrays."""
+        out = {}
+        for side in ("loadings", "factors"):
+            for key, value in getattr(self.model, side).prior_summary().items():
+                out[f"{side}_{key}"] = value.detach().cpu().double().numpy()
+        return out
 
     def __call__(self, first_step: int, terms: np.ndarray) -> None:
         last_step = first_step + len(terms)
@@ -65,6 +58,8 @@ class Monitor:
             for name, value in zip(ELBOTerms.NAMES, row, strict=True):
                 self.writer.add_scalar(f"loss/{name}", value, first_step + i + 1)
         for key, value in priors.items():
+            if value.ndim != 1:
+                continue  # e.g. mixture weights: in the history only
             tag = key.replace("_prior_", "_")
             for k, v in enumerate(value):
                 self.writer.add_scalar(f"prior/{tag}/{k}", v, last_step)

@@ -10,7 +10,8 @@ execute code). Its entries:
 * ``params``: the constructor arguments, as JSON;
 * ``attributes``: the fitted scalars, strings, feature names and history, as JSON;
 * ``arrays``: the fitted numpy arrays, as CPU tensors (dtype kept);
-* ``state``: the torch module's parameters and buffers, as CPU tensors.
+* ``state``: the torch module's parameters and buffers (the estimator's
+  ``state_dict_``), as CPU tensors.
 
 Tensors are always stored on the CPU, so a model fitted on a GPU loads on a
 machine without one.
@@ -26,16 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._validation import resolve_device
+from ._version import __version__
+
 __all__ = ["FORMAT_VERSION", "save_estimator", "load_estimator"]
 
-FORMAT_VERSION = 1
+#: 2: zero-inflated and zero-truncated likelihoods keep their base's parameters
+#: under ``likelihood.base.`` (format 1 files are read and migrated)
+FORMAT_VERSION = 2
 _MAGIC = "spfa"
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
+_STATE = "state_dict_"
 
 
 def _encode_params(estimator) -> dict:
@@ -62,7 +63,7 @@ def _encode_attributes(estimator) -> tuple[dict, dict]:
     """Split the fitted attributes into JSON-able values and arrays."""
     meta, arrays = {}, {}
     for name, value in vars(estimator).items():
-        if not name.endswith("_") or name.startswith("__"):
+        if not name.endswith("_") or name.startswith("__") or name == _STATE:
             continue
         if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
             arrays[name] = torch.from_numpy(np.ascontiguousarray(value))
@@ -88,14 +89,14 @@ def save_estimator(estimator, path) -> None:
     payload = {
         "format": _MAGIC,
         "format_version": FORMAT_VERSION,
-        "spfa_version": _version(),
+        "spfa_version": __version__,
         "torch_version": str(torch.__version__),
         "params": json.dumps(_encode_params(estimator)),
     }
     meta, arrays = _encode_attributes(estimator)
     payload["attributes"] = json.dumps(meta)
     payload["arrays"] = arrays
-    payload["state"] = {k: v.detach().cpu().clone() for k, v in estimator._state.items()}
+    payload["state"] = {k: v.detach().cpu().clone() for k, v in getattr(estimator, _STATE).items()}
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -124,7 +125,7 @@ def _read(path) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
             f"{path} was written by spfa {payload.get('spfa_version')} in file format "
-            f"{version!r}; this spfa ({_version()}) reads formats up to {FORMAT_VERSION}. "
+            f"{version!r}; this spfa ({__version__}) reads formats up to {FORMAT_VERSION}. "
             "Upgrade spfa to load it."
         )
     missing = {"params", "attributes", "arrays", "state"} - set(payload)
@@ -135,8 +136,6 @@ def _read(path) -> dict:
 
 def load_estimator(cls, path, device="cpu"):
     """Read an estimator written by :func:`save_estimator`; see ``cls.load``."""
-    from ._validation import resolve_device
-
     payload = _read(path)
     try:
         params = json.loads(payload["params"])
@@ -146,7 +145,7 @@ def load_estimator(cls, path, device="cpu"):
     unknown = set(params) - set(cls().get_params(deep=False))
     if unknown:
         raise ValueError(
-            f"{path} has parameters {sorted(unknown)} that this spfa ({_version()}) does not "
+            f"{path} has parameters {sorted(unknown)} that this spfa ({__version__}) does not "
             f"know; it was written by spfa {payload.get('spfa_version')}"
         )
     target = resolve_device(device)
@@ -162,10 +161,30 @@ def load_estimator(cls, path, device="cpu"):
         setattr(estimator, name, value)
     for name, tensor in payload["arrays"].items():
         setattr(estimator, name, tensor.numpy())
-    estimator._state = dict(payload["state"])
+    state = dict(payload["state"])
+    if payload["format_version"] < 2:
+        state = _migrate_state_1(state, params.get("likelihood"))
+    setattr(estimator, _STATE, state)
     estimator._n_features_out = estimator.n_components
     try:
-        estimator._training_model()
-    except (KeyError, RuntimeError, AssertionError, AttributeError, TypeError) as err:
+        estimator.get_model()
+    except (KeyError, RuntimeError, ValueError, AttributeError, TypeError) as err:
         raise ValueError(f"{path}: the stored model is inconsistent ({err})") from err
     return estimator
+
+
+#: registered likelihoods that became wrappers in format 2, and their own parameters
+_WRAPPED = {"zinb": ("zero_logit",), "zt_poisson": (), "zt_negative_binomial": ()}
+
+
+def _migrate_state_1(state: dict, likelihood) -> dict:
+    """Format 1 -> 2: a wrapper's base parameters move under ``likelihood.base.``."""
+    if likelihood not in _WRAPPED:
+        return state
+    own = {f"likelihood.{name}" for name in _WRAPPED[likelihood]}
+    out = {}
+    for key, value in state.items():
+        if key.startswith("likelihood.") and key not in own:
+            key = "likelihood.base." + key[len("likelihood.") :]
+        out[key] = value
+    return out

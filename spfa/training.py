@@ -18,6 +18,7 @@ at the next plateau.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -29,6 +30,8 @@ import torch
 from .model import ELBOTerms
 
 __all__ = ["TrainResult", "train"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -163,8 +166,12 @@ def train(
                 break
             lr = lr / 4.0
             _restore(module, optimizers, snapshot, lr)
-            if verbose:
-                print(f"[spfa] step {it}: non-finite ELBO; rolled back, lr -> {lr:.2e}")
+            logger.log(
+                logging.INFO if verbose else logging.DEBUG,
+                "step %d: non-finite ELBO; rolled back, lr -> %.2e",
+                it,
+                lr,
+            )
             # the failed window's steps are not recorded; the budget is still spent
             window_start = it
             continue
@@ -180,9 +187,14 @@ def train(
         mean, var = elbo.mean(), elbo.var(ddof=1) if len(elbo) > 1 else 0.0
         if steps_per_record > 1:
             var = 0.0  # records are whole passes: no batch-to-batch spread
-        if verbose:
-            unit = "step" if steps_per_record == 1 else "pass"
-            print(f"[spfa] {unit} {it // steps_per_record:6d}  elbo {mean:.6g}  lr {lr:.2e}")
+        logger.log(
+            logging.INFO if verbose else logging.DEBUG,
+            "%s %6d  elbo %.6g  lr %.2e",
+            "step" if steps_per_record == 1 else "pass",
+            it // steps_per_record,
+            mean,
+            lr,
+        )
         if prev_mean is not None and len(elbo) * steps_per_record == check_every:
             se = math.sqrt((var + prev_var) / len(elbo))
             if mean - prev_mean < tol * abs(mean) + 2.0 * se:

@@ -13,7 +13,7 @@ from spfa import SparseFactorAnalysis
 from spfa.data import RowBatches
 from spfa.evaluation import relative_error
 from spfa.expectation import GaussHermite
-from spfa.likelihoods import get_likelihood
+from spfa.likelihoods import Poisson, get_likelihood
 from spfa.model import SparseFactorModel
 from spfa.simulate import simulate, simulate_sparse_counts
 
@@ -67,7 +67,7 @@ def test_float32_sparse_input_is_neither_copied_nor_widened(counts):
     x64 = sp.csr_matrix(np.nan_to_num(counts))
     x32 = x64.astype(np.float32)
     est = SparseFactorAnalysis(2)
-    checked = check_data(est, x32, reset=True, count=True)
+    checked = check_data(est, x32, reset=True, likelihood=Poisson())
     assert checked.dtype == np.float32 and np.shares_memory(checked.data, x32.data)
     a = RowBatches(x32, None, 16, entries=False, device=CPU, seed=0)
     b = RowBatches(x64, None, 16, entries=False, device=CPU, seed=0)
@@ -118,10 +118,10 @@ def test_minibatch_updates_only_the_batch_rows():
 
 def test_sparse_input_is_never_densified_whole(monkeypatch):
     sim = simulate_sparse_counts(600, 200, k=3, seed=3)
-    import spfa.estimator as estimator_module
+    import spfa.fitting as fitting_module
 
     # chunks of 64 rows: every dense block the fit may make is at most 64 x p
-    monkeypatch.setattr(estimator_module, "INIT_ENTRIES", 64 * 200)
+    monkeypatch.setattr(fitting_module, "INIT_ENTRIES", 64 * 200)
     original = sp.csr_matrix.toarray
     shapes = []
 

@@ -13,7 +13,8 @@ from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
-from spfa import SparseFactorAnalysis
+from spfa import PRIORS, SparseFactorAnalysis
+from spfa.priors import get_prior, resolve_priors
 from spfa.simulate import simulate
 
 FAST = dict(max_iter=400, random_state=0, device="cpu")
@@ -242,7 +243,9 @@ def test_bad_x(X, match):
         (dict(n_components=0), "n_components"),
         (dict(n_components=2.5), "n_components"),
         (dict(n_components=50), "larger than the data allow"),
-        (dict(likelihood="zip"), "unknown likelihood"),
+        (dict(likelihood="zeta"), "unknown likelihood"),
+        (dict(prior="horseshoe"), "unknown prior"),
+        (dict(prior={"loadings": "point_normal"}), "exactly the keys"),
         (dict(link="logit"), "unknown link"),
         (dict(n_mc_samples=0), "n_mc_samples"),
         (dict(max_iter=0), "max_iter"),
@@ -325,6 +328,7 @@ def test_pruned_factors_are_switched_off_and_reported():
 @pytest.mark.parametrize("late_prune", [False, True])
 def test_prune_and_rank_reuses_trials_exactly(late_prune):
     """Contributions equal ELBO(kept) - ELBO(kept without k), evaluated directly."""
+    from spfa.fitting import prune_and_rank
     from spfa.likelihoods import Gaussian
     from spfa.model import SparseFactorModel
 
@@ -343,8 +347,7 @@ def test_prune_and_rank_reuses_trials_exactly(late_prune):
         calls.append(on)
         return float(weight @ on + 0.7 * on[1] * on[3])
 
-    est = SparseFactorAnalysis(k)
-    contribution, order = est._prune_and_rank(model, elbo)
+    contribution, order = prune_and_rank(model, elbo)
     kept = sorted({1, 3} | (set() if late_prune else {2}))
     np.testing.assert_array_equal(np.sort(order[: len(kept)]), kept)
     final = np.isin(np.arange(k), kept).astype(float)
@@ -434,7 +437,7 @@ def test_sample_gaussian_matches_posterior_moments():
     est = SparseFactorAnalysis(1, likelihood="gaussian", random_state=0).fit(sim.x)
     draws = est.sample(3000, random_state=1)
     assert draws.shape == (3000, 40, 30)
-    model = est._training_model()
+    model = est.get_model()
     with torch.no_grad():
         mean, var = (t.double().numpy() for t in model.eta_moments())
     total = var + est.noise_variance_
@@ -462,3 +465,27 @@ def test_one_row_cannot_be_fitted_but_can_be_transformed(fitted, counts):
     with pytest.raises(ValueError, match="1 sample"):
         SparseFactorAnalysis(1, likelihood="gaussian").fit(np.ones((1, 5)))
     assert fitted.transform(counts[:1]).shape == (1, 2)
+
+
+@pytest.mark.parametrize(
+    "prior", [*sorted(PRIORS), {"loadings": "normal_mixture", "factors": "point_normal"}]
+)
+def test_every_prior_fits_transforms_and_round_trips(prior, counts, tmp_path):
+    est = fit_quiet(SparseFactorAnalysis(2, prior=prior, max_iter=150, random_state=0), counts)
+    names = resolve_priors(prior)
+    Z = est.transform(counts[:7])
+    assert Z.shape == (7, 2) and np.all(np.isfinite(Z))
+    for side, values in (("loadings", est.loadings_), ("factors", est.components_)):
+        if get_prior(names[side]).support == "nonnegative":  # exactly
+            assert np.all(values >= 0)
+            if side == "loadings":
+                assert np.all(Z >= 0)
+    for post in (est.factors_posterior(), est.loadings_posterior()):
+        lower, upper = post.interval(0.9)
+        assert np.all(lower <= upper) and np.all(post.cdf(upper) >= 0.95 - 1e-9)
+        assert np.all((post.lfsr >= 0) & (post.lfsr <= 1))
+    assert np.all(np.isfinite(est.factors_prior_scale_))
+    est.save(tmp_path / "fit.spfa")
+    again = SparseFactorAnalysis.load(tmp_path / "fit.spfa")
+    assert again.prior == prior
+    np.testing.assert_array_equal(again.transform(counts[:7]), Z)

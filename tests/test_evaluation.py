@@ -84,7 +84,7 @@ def test_truth_in_estimate_gauge_undoes_order_sign_and_scale(rng):
 
 
 def test_posterior_checks_counts_coverage_and_signs():
-    from spfa.posterior import PointNormalPosterior
+    from spfa.priors import PointNormalPosterior
 
     post = PointNormalPosterior([[1.0, 1.0, 0.0, 1.0]], [[5.0, -5.0, 0.0, 5.0]], [[1.0] * 4])
     truth = np.array([[5.5, 4.0, 0.0, 0.0]])

@@ -66,7 +66,7 @@ def test_heldout_log_likelihood_matches_scipy_monte_carlo(sim):
     S = 400
     L = est.loadings_posterior().sample(S, rng)
     F = est.factors_posterior().sample(S, rng)
-    state = est._state
+    state = est.state_dict_
     b = state["intercept.mean"].double().numpy() + np.exp(
         0.5 * state["intercept.log_var"].double().numpy()
     ) * rng.standard_normal((S, 1, sim.x.shape[1]))

@@ -1,4 +1,4 @@
-"""ZINB, NB dispersion choices, the sigmoid link and the expectation rules.
+"""ZINB / ZIP and the wrappers, NB dispersion choices, the sigmoid link and the expectation rules.
 
 Oracles: scipy (NB pmf, numerical integration), float64 references written
 from the definitions, Monte Carlo for sampling moments, planted truth for
@@ -18,9 +18,12 @@ from sklearn.exceptions import ConvergenceWarning
 from spfa import SparseFactorAnalysis
 from spfa.expectation import GaussHermite, MonteCarlo, get_expectation
 from spfa.likelihoods import (
+    Gaussian,
     NegativeBinomial,
     Poisson,
+    ZeroInflated,
     ZeroInflatedNegativeBinomial,
+    ZeroTruncated,
     get_likelihood,
 )
 from spfa.links import Sigmoid, get_link
@@ -81,6 +84,113 @@ def test_zinb_sample_moments():
     np.testing.assert_allclose(draws.var(0), want_var, rtol=0.03)
     zeros = (draws == 0).mean(0)
     np.testing.assert_allclose(zeros, (1 - keep) + keep * (2.0 / (2.0 + mean_nb)) ** 2, atol=5e-3)
+
+
+@pytest.mark.parametrize("link", ["softplus", "exp"])
+@pytest.mark.parametrize("psi", [-30.0, -2.0, 0.0, 3.0, 30.0])
+def test_zip_against_scipy(psi, link):
+    lik = get_likelihood("zip", link)
+    lik.initialize(np.ones(len(X)), np.ones(len(X)))
+    lik = lik.double()
+    with torch.no_grad():
+        lik.zero_logit.fill_(psi)
+    s = np.linspace(0.5, 2.0, len(X))
+    got = lik.log_prob(
+        torch.tensor(X[None]), torch.tensor(ETA[None]), torch.tensor(np.log(s))[None]
+    )
+    mu = s * (_mu(ETA) if link == "softplus" else np.exp(ETA))
+    # pi 1[x = 0] + (1 - pi) Poisson(x), the pmf from scipy's, in logs so that
+    # pi near 0 or 1 keeps its digits
+    log_pi, log_keep = -np.logaddexp(0.0, -psi), -np.logaddexp(0.0, psi)
+    poisson = st.poisson.logpmf(X, mu)
+    want = np.where(X == 0, np.logaddexp(log_pi, log_keep + poisson), log_keep + poisson)
+    np.testing.assert_allclose(got.detach().numpy()[0], want, rtol=1e-9, atol=1e-12)
+    mean = lik.mean(torch.tensor(ETA[None]), torch.tensor(np.log(s))[None]).detach().numpy()
+    np.testing.assert_allclose(mean[0], np.exp(log_keep) * mu, rtol=1e-12)
+    assert set(lik.fitted_attributes()) == {"zero_inflation_"}
+
+
+def test_wrappers_accept_only_count_bases_that_observe_zeros():
+    with pytest.raises(ValueError, match="zero inflation needs a count likelihood"):
+        ZeroInflated(Gaussian())
+    with pytest.raises(ValueError, match="zero inflation needs a count likelihood"):
+        ZeroInflated(ZeroTruncated(Poisson()))
+    with pytest.raises(ValueError, match="zero truncation needs"):
+        ZeroTruncated(ZeroInflated(Poisson()))
+    with pytest.raises(ValueError, match="wraps a Likelihood instance"):
+        ZeroTruncated("poisson")
+    assert ZeroInflated(Poisson()).name == "zero_inflated_poisson"
+    assert ZeroTruncated(NegativeBinomial(), name="ztnb").name == "ztnb"
+
+
+def test_wrapper_forwards_to_its_base():
+    lik = ZeroInflated(NegativeBinomial(dispersion="full", dispersion_rank=2))
+    lik.initialize(np.full(3, 2.0), np.full(3, 9.0))
+    lik.initialize_rows(4)
+    nb = lik.base
+    assert lik.link is nb.link and lik.integer_support and lik.positive_mean
+    assert lik.observes_zeros and not ZeroTruncated(nb).observes_zeros
+    # per-sample parameters by their state-dict paths, reachable by getattr
+    assert lik.row_parameters == ("base.dispersion_rows",)
+    assert getattr(lik, lik.row_parameters[0]) is nb.dispersion_rows
+    assert lik.get_parameter(lik.row_parameters[0]) is nb.dispersion_rows
+    lik.sparse_rows = True
+    assert nb.sparse_rows and lik.sparse_rows
+    lik.sparse_rows = False
+    assert not nb.sparse_rows
+    # attributes the wrapper does not define are the base's
+    lik.set_inverse_dispersion([1.0, 2.0, 3.0])
+    r = torch.exp(nb.log_inverse_dispersion_at()).detach()[0]
+    np.testing.assert_allclose(r, [1.0, 2.0, 3.0], rtol=1e-6)
+    assert lik.dispersion == "full" and lik.inverse_dispersion.shape == (4, 3)
+    np.testing.assert_array_equal(
+        lik.variance_function(np.ones(3)), nb.variance_function(np.ones(3))
+    )
+    assert set(lik.fitted_attributes()) == {
+        "inverse_dispersion_",
+        "dispersion_",
+        "dispersion_row_factors_",
+        "dispersion_feature_factors_",
+        "zero_inflation_",
+    }
+    assert set(lik.state_dict()) == {
+        "zero_logit",
+        "base.log_inverse_dispersion",
+        "base.dispersion_features",
+        "base.dispersion_rows",
+    }
+    with pytest.raises(AttributeError, match="no attribute 'noise_variance'"):
+        lik.noise_variance  # noqa: B018
+
+
+def test_registered_wrappers_state_keys():
+    """The keys a migration of files saved before the wrappers has to rename."""
+    keys = {}
+    for name in ("zinb", "zip", "zt_poisson", "zt_negative_binomial"):
+        lik = get_likelihood(name)
+        lik.initialize(np.ones(2), np.ones(2))
+        keys[name] = set(lik.state_dict())
+    assert keys == {
+        "zinb": {"zero_logit", "base.log_inverse_dispersion"},
+        "zip": {"zero_logit"},
+        "zt_poisson": set(),
+        "zt_negative_binomial": {"base.log_inverse_dispersion"},
+    }
+
+
+def test_wrapper_of_full_dispersion_fits_and_transforms():
+    """Per-sample parameters of a wrapped base are refitted for new rows."""
+    sim = simulate("negative_binomial", n=40, p=30, pi0=(0.3, 0.7), slab_sd=(1.0, 1.0), seed=5)
+    lik = ZeroInflated(NegativeBinomial(dispersion="full"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = SparseFactorAnalysis(
+            2, likelihood=lik, max_iter=60, random_state=0, device="cpu"
+        ).fit(sim.x)
+        z = est.transform(sim.x[:7])
+    assert est.dispersion_row_factors_.shape == (40, 1)
+    assert est.zero_inflation_.shape == (30,) and z.shape == (7, 2)
+    assert np.all(np.isfinite(z))
 
 
 def _full_nb(n, p, rank=2, seed=0):
@@ -249,16 +359,16 @@ def counts_design():
 # ------------------------------------------------------ zero-truncated fitting
 def test_zero_truncated_fit_sees_only_the_non_zeros(counts_design, monkeypatch):
     x = sp.csr_matrix(counts_design.x)
-    seen = {}
-    original = SparseFactorAnalysis._batches
+    seen = {"entries": 0, "values": np.inf}
+    original = ZeroTruncated.log_prob
 
-    def spy(self, *args, **kwargs):
-        data = original(self, *args, **kwargs)
-        batch = data.batch(0)
-        seen["entries"], seen["values"] = batch.x.numel(), batch.x.min().item()
-        return data
+    # what the likelihood is evaluated at, whatever the estimator's internals
+    def spy(self, x, *args, **kwargs):
+        seen["entries"] = max(seen["entries"], x.numel())
+        seen["values"] = min(seen["values"], x.min().item())
+        return original(self, x, *args, **kwargs)
 
-    monkeypatch.setattr(SparseFactorAnalysis, "_batches", spy)
+    monkeypatch.setattr(ZeroTruncated, "log_prob", spy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         est = SparseFactorAnalysis(

@@ -174,3 +174,20 @@ def test_gpu_fit_loads_on_cpu(tmp_path):
     np.testing.assert_allclose(back.components_, est.components_)
     z_gpu, z_cpu = est.transform(X.iloc[:5]), back.transform(X.iloc[:5])
     np.testing.assert_allclose(z_cpu, z_gpu, atol=1e-3)
+
+
+@pytest.mark.parametrize("likelihood", ["zinb", "zt_negative_binomial"])
+def test_format_1_files_load(tmp_path, likelihood):
+    """Files of format 1 kept a wrapped likelihood's base parameters unprefixed."""
+    est, X = _fit(likelihood)
+    est.save(tmp_path / "fit.spfa")
+    payload = torch.load(tmp_path / "fit.spfa", weights_only=True)
+    payload["format_version"] = 1
+    payload["state"] = {
+        key.replace("likelihood.base.", "likelihood."): value
+        for key, value in payload["state"].items()
+    }
+    assert "likelihood.log_inverse_dispersion" in payload["state"]
+    torch.save(payload, tmp_path / "old.spfa")
+    back = SparseFactorAnalysis.load(tmp_path / "old.spfa")
+    np.testing.assert_array_equal(back.transform(X.iloc[:5]), est.transform(X.iloc[:5]))

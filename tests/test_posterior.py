@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from spfa.posterior import PointNormalPosterior
+from spfa.priors import PointNormalPosterior
 
 
 @pytest.fixture

@@ -3,19 +3,10 @@
 import csv
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "simulations"))
-
-import benchmark  # noqa: E402
-import choose_k  # noqa: E402
-import sanity_checks  # noqa: E402
-import scale  # noqa: E402
-
-import figures  # noqa: E402
+from simulations import benchmark, choose_k, figures, sanity_checks, scale
 
 
 def test_sanity_benchmark_and_figures_smoke(tmp_path, capsys):

@@ -6,11 +6,8 @@ import pytest
 import scipy.stats as st
 import torch
 
-from spfa.likelihoods import (
-    ZeroTruncatedNegativeBinomial,
-    ZeroTruncatedPoisson,
-    log1mexp_from_log,
-)
+from spfa.likelihoods import ZeroTruncatedNegativeBinomial, ZeroTruncatedPoisson
+from spfa.special import log1mexp_from_log
 
 
 def test_log1mexp_against_mpmath():

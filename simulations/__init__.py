@@ -1,0 +1,1 @@
+"""Simulation studies of spfa: sanity checks, peer benchmark, scale, likelihoods, figures."""

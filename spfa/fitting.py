@@ -1,0 +1,505 @@
+"""Fitting a model: start, train, prune and rank; fitting rows with the factors fixed.
+
+The estimator validates and converts; everything that computes with the model
+lives here and speaks to the prior families and likelihoods through their
+seams only (:mod:`spfa.priors.base`, :mod:`spfa.likelihoods`):
+
+* :func:`fit_model` -- the data-driven start (:mod:`spfa.initialization`),
+  training (:func:`spfa.training.train`), pruning and ranking of factors;
+* :func:`fit_rows` -- ``q(L)`` (and per-sample likelihood parameters) of new
+  rows with everything else held fixed, for ``transform`` and ``score``;
+* :func:`build_model` -- a model from a saved state;
+* :func:`fitted_attributes` -- what a fit reports.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ._validation import dense_rows
+from .data import RowBatches
+from .expectation import Expectation, get_expectation
+from .initialization import initialize
+from .likelihoods import Likelihood
+from .model import SparseFactorModel
+from .monitor import Monitor
+from .training import TrainResult, train
+
+__all__ = [
+    "FitSettings",
+    "build_model",
+    "fit_model",
+    "fit_rows",
+    "fitted_attributes",
+    "row_state_keys",
+    "sample_data",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Monte Carlo draws used by ``score`` and pruning (a fixed-seed, low-noise evaluation)
+N_SCORE_SAMPLES = 32
+#: most sampled linear-predictor entries (draws x n x p) per pruning evaluation
+PRUNE_BUDGET = 2**25
+#: most entries (rows x p) made dense at once: the initial SVD sees a random subset of
+#: rows beyond this, and row-wise work (projections, summaries) runs in chunks of it
+INIT_ENTRIES = 2**24
+
+
+@dataclass
+class FitSettings:
+    """How to fit: the estimator's parameters, validated."""
+
+    n_components: int
+    priors: dict  # {"loadings": name, "factors": name}
+    fit_intercept: bool
+    expectation: str
+    n_mc_samples: int
+    n_quadrature_nodes: int
+    max_iter: int
+    tol: float
+    learning_rate: float
+    batch_size: int | None
+    device: torch.device
+    log_dir: object = None
+    verbose: bool = False
+
+    def rule(self, n_mc_samples: int | None = None) -> Expectation:
+        """The rule for ``E_q[log p]``; Monte Carlo with ``n_mc_samples`` draws."""
+        n = n_mc_samples or self.n_mc_samples
+        if self.expectation == "quadrature":
+            n = self.n_quadrature_nodes
+        return get_expectation(self.expectation, n)
+
+    def generator(self, seed: int) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(seed))
+        return gen
+
+    def batches(self, X, s, likelihood: Likelihood, seed: int) -> RowBatches:
+        """The data on the device, in batches of ``batch_size`` rows (one batch if None):
+        dense blocks, or for a zero-truncated likelihood only the entries it fits."""
+        return RowBatches(
+            X,
+            None if s is None else np.log(s),
+            self.batch_size,
+            entries=not likelihood.observes_zeros,
+            device=self.device,
+            seed=seed,
+        )
+
+
+# ---------------------------------------------------------------------- models
+def new_model(n_rows: int, p: int, likelihood: Likelihood, settings: FitSettings):
+    return SparseFactorModel(
+        n_rows,
+        p,
+        settings.n_components,
+        likelihood,
+        fit_intercept=settings.fit_intercept,
+        loadings_prior=settings.priors["loadings"],
+        factors_prior=settings.priors["factors"],
+    )
+
+
+def row_state_keys(model: SparseFactorModel) -> set[str]:
+    """State keys with one row per training sample (refitted for new rows, not shared)."""
+    keys = {f"loadings.{name}" for name in model.loadings.row_parameter_names}
+    return keys | {f"likelihood.{name}" for name in model.likelihood.row_parameters}
+
+
+def build_model(
+    state: dict, n_rows: int, p: int, likelihood: Likelihood, settings: FitSettings, rows=True
+) -> SparseFactorModel:
+    """A model with the fitted global parameters of ``state`` and ``n_rows`` rows.
+
+    With ``rows=True`` the per-sample parameters are those of ``state`` too
+    (the training rows); otherwise they are fresh, for new rows.
+
+    Raises
+    ------
+    ValueError
+        If ``state`` does not fit the model (missing or unexpected keys).
+    """
+    likelihood.initialize(np.ones(p), np.ones(p))
+    model = new_model(n_rows, p, likelihood, settings)
+    local = row_state_keys(model)
+    state = {k: torch.as_tensor(v) for k, v in state.items() if rows or k not in local}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or not set(missing) <= (set() if rows else local):
+        raise ValueError(
+            f"the stored model state does not fit: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+    return model.to(settings.device)
+
+
+# ----------------------------------------------------------------------- start
+def _start_block(X, s, likelihood, k, rng):
+    """The rows that the initial SVD sees, dense: all of them, or a random
+    subset when there are more than ``INIT_ENTRIES`` entries.
+
+    Returns ``(rows or None, x, mask, size factors of those rows)``.
+    """
+    n, p = X.shape
+    rows = None
+    if n * p > INIT_ENTRIES:
+        m = min(n, max(INIT_ENTRIES // p, 2 * k + 2))
+        rows = np.sort(rng.choice(n, size=m, replace=False))
+    x, mask = dense_rows(X, rows)
+    if not likelihood.observes_zeros:
+        nonzero = x != 0 if mask is None else (x != 0) & (mask > 0)
+        mask = nonzero.astype(np.float64)
+    s_rows = s if s is None or rows is None else s[rows]
+    return rows, x, mask, s_rows
+
+
+def start_model(model, X, s, settings: FitSettings, rng, start=None) -> None:
+    """Start ``model`` from the data (:func:`spfa.initialization.initialize`) or
+    from given means ``start = (L0, F0)``, through the families' ``start_`` seam."""
+    likelihood = model.likelihood
+    sub, x0, mask0, s0 = _start_block(X, s, likelihood, settings.n_components, rng)
+    start0 = start if start is None or sub is None else (start[0][sub], start[1])
+    nonnegative = "nonnegative" in (model.loadings.support, model.factors.support)
+    init = initialize(
+        x0,
+        mask0,
+        s0,
+        settings.n_components,
+        likelihood,
+        settings.fit_intercept,
+        rng,
+        start=start0,
+        nonnegative=nonnegative,
+    )
+    del x0, mask0
+    model.loadings.start_prior_(init.loadings)
+    model.factors.start_prior_(init.factors)
+    model.factors.start_(init.factors, init.factors_precision)
+    if sub is None:
+        model.loadings.start_(init.loadings, init.loadings_precision)
+    with torch.no_grad():
+        for name, value in (init.intercept or {}).items():
+            getattr(model.intercept, name).copy_(torch.as_tensor(value))
+    model.to(settings.device)
+    if sub is not None:  # every row's loadings from the projection onto the start's F
+        start_rows(model, X, s, None if start is None else start[0])
+
+
+def start_rows(model, X, s, means=None) -> None:
+    """Start ``q(L)`` of every row of ``X`` from the model's factors, in chunks of rows.
+
+    The point estimates come from a ridge projection of the linearised data
+    onto ``E[F]`` (or from ``means``, ``(n, k)``), the precisions from their
+    coordinate-ascent values given ``F``.
+    """
+    n, p = X.shape
+    chunk = max(1, INIT_ENTRIES // p)
+    for a in range(0, n, chunk):
+        rows = np.arange(a, min(a + chunk, n))
+        x, mask = dense_rows(X, rows)
+        s_rows = None if s is None else s[rows]
+        weights = _working_weights(model)
+        values = _project(model, x, mask, s_rows, weights) if means is None else means[rows]
+        model.loadings.start_(values, _data_precision(model, mask, len(rows), weights), rows)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().cpu().numpy()
+
+
+def _working_weights(model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(w, mu0, slope)`` of the model linearised at its intercept (see initialization)."""
+    with torch.no_grad():
+        b = _numpy(model.intercept_mean())
+        lik = model.likelihood
+        mu0 = _numpy(lik.mean(torch.as_tensor(b)))
+    slope = lik.link.derivative(b)
+    var = lik.variance_function(np.maximum(np.abs(mu0), 1e-12))
+    return slope**2 / np.maximum(var, 1e-300), mu0, slope
+
+
+def _project(model, x, mask, s, weights) -> np.ndarray:
+    """Ridge projection of the linearised data onto ``E[F]``: start of ``E[L]``."""
+    w, mu0, slope = weights
+    with torch.no_grad():
+        mf = _numpy(model.factors.moments().mean)
+        tau = _numpy(model.loadings.prior_precision())
+    y = x if s is None else x / s[:, None]
+    z = (y - mu0) / slope
+    if mask is not None:
+        z = z * mask
+    gram = (mf * w[:, None]).T @ mf + np.diag(tau)
+    return np.linalg.solve(gram, ((z * w) @ mf).T).T
+
+
+def _data_precision(model, mask, n_rows: int, weights) -> np.ndarray:
+    """``sum_j w_j E[f_jk^2]`` over each row's observed features, ``(n_rows, k)``."""
+    w = weights[0]
+    with torch.no_grad():
+        mf, vf = model.factors.moments()
+        second = _numpy(mf**2 + vf)
+    if mask is None:
+        return np.tile(w @ second, (n_rows, 1))
+    return (mask * w) @ second
+
+
+# -------------------------------------------------------------------- training
+def _train(model, objective, data: RowBatches, settings: FitSettings, monitor=None):
+    """Adam over everything that requires a gradient; with several batches,
+    the loadings of each batch's rows by SparseAdam (only where used), and
+    ``max_iter``, the stopping rule and the history count passes."""
+    passes = data.n_batches
+    model.sparse_rows = passes > 1
+    local = model.row_parameters() if passes > 1 else []
+    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in params if all(p is not q for q in local)]
+    try:
+        result = train(
+            model,
+            objective,
+            params,
+            sparse_params=local,
+            n_observed=data.n_observed,
+            max_iter=settings.max_iter * passes,
+            check_every=50 if passes == 1 else passes * -(-50 // passes),
+            steps_per_record=passes,
+            tol=settings.tol,
+            learning_rate=settings.learning_rate,
+            on_window=monitor,
+            verbose=settings.verbose,
+        )
+    finally:
+        model.sparse_rows = False
+    result.n_iter = result.n_iter // passes
+    return result
+
+
+@dataclass
+class Fit:
+    """What :func:`fit_model` returns besides the fitted model."""
+
+    model: SparseFactorModel
+    result: TrainResult
+    contribution: np.ndarray  # (k,) ELBO contribution, in the final order
+    order: np.ndarray  # (k,) new factor i was factor order[i] in training
+    prior_history: dict
+
+
+def fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
+    """Start, train, prune and rank a model of ``X`` (validated; see the estimator)."""
+    n, p = X.shape
+    model = new_model(n, p, likelihood, settings)
+    start_model(model, X, s, settings, rng, start)
+    gen = settings.generator(rng.randint(2**31 - 1))
+    data = settings.batches(X, s, likelihood, seed=rng.randint(2**31 - 1))
+    rule = settings.rule()
+
+    def objective():
+        return data.step_terms(model, rule, gen)
+
+    monitor = Monitor(model, settings.log_dir)
+    try:
+        result = _train(model, objective, data, settings, monitor)
+    finally:
+        monitor.close()
+    contribution, order = prune_and_rank(model, paired_elbo(data, model, settings))
+    # per-window priors were recorded in training order; report them in the final one
+    history = {}
+    for key, windows in monitor.prior_history.items():
+        if key != "step":
+            windows = [np.asarray(w)[order].tolist() for w in windows]
+        history[key] = windows
+    return Fit(model, result, contribution, order, history)
+
+
+def fit_rows(state, X, s, likelihood, settings: FitSettings, rng):
+    """Fit ``q(L)`` of new rows with the factors, priors and nuisance held fixed.
+
+    Returns ``(model, data, result)``.
+    """
+    model = build_model(state, X.shape[0], X.shape[1], likelihood, settings, rows=False)
+    start_rows(model, X, s)
+    model.requires_grad_(False)
+    # the new rows' own parameters: q(L) and any per-sample likelihood parameters
+    for prm in model.row_parameters():
+        prm.requires_grad_(True)
+    gen = settings.generator(rng.randint(2**31 - 1))
+    data = settings.batches(X, s, likelihood, seed=rng.randint(2**31 - 1))
+    rule = settings.rule()
+
+    def objective():
+        return data.step_terms(model, rule, gen)
+
+    result = _train(model, objective, data, settings)
+    return model, data, result
+
+
+def score_rows(model, data: RowBatches, settings: FitSettings) -> float:
+    """ELBO per observed entry with ``N_SCORE_SAMPLES`` fixed-seed draws."""
+    with torch.no_grad():
+        terms = data.total_terms(model, settings.rule(N_SCORE_SAMPLES), settings.generator(0))
+    return float(terms.elbo) / data.n_observed
+
+
+# ------------------------------------------------------------ prune and rank
+def paired_elbo(data: RowBatches, model, settings: FitSettings):
+    """A function evaluating the ELBO with common random numbers (fixed seed).
+
+    Differences of its values between two settings of ``active`` are paired
+    comparisons, free of most Monte Carlo noise (quadrature has none).
+    """
+    rule = settings.rule(max(1, min(N_SCORE_SAMPLES, PRUNE_BUDGET // data.n_evaluated)))
+
+    def elbo() -> float:
+        with torch.no_grad():
+            terms = data.total_terms(model, rule, settings.generator(0))
+        return float(terms.elbo)
+
+    return elbo
+
+
+def _switch(model: SparseFactorModel, k: int, on: bool) -> None:
+    for side in (model.loadings, model.factors):
+        side.active[k] = 1.0 if on else 0.0
+
+
+def prune_and_rank(model: SparseFactorModel, elbo) -> tuple[np.ndarray, np.ndarray]:
+    """Switch off the factors the data do not support; order the rest by ELBO contribution.
+
+    *Pruning.* A factor the data do not support ends training with a
+    posterior close to its prior and a tiny slab scale; its prior is then not
+    identified and its summaries are meaningless. Empirical Bayes takes the
+    boundary where the prior is the point mass at zero wherever the ELBO there
+    is at least as high. Factors are tried from the smallest
+    ``||E[l_k]|| ||E[f_k]||`` up; the ELBO is evaluated with common random
+    numbers, so each comparison is paired.
+
+    *Ranking.* The contribution of factor ``k`` is ``ELBO - ELBO(without
+    k)`` with the other kept factors as fitted (paired draws); 0 for a
+    pruned factor. A factor tried after the last pruned one was tried in
+    exactly that state, so its trial is reused; only the factors tried
+    before a later pruning are evaluated again. Typically the pruned
+    factors are the smallest and are tried first, and the whole selection
+    costs ``k + 1`` evaluations of the ELBO rather than ``2k + 1``.
+
+    The model is permuted in place (kept factors by decreasing
+    contribution, pruned ones last); returns the contributions in the new
+    order and the permutation (new factor ``i`` was factor ``order[i]`` in
+    training).
+    """
+    with torch.no_grad():
+        size = model.loadings.moments().mean.norm(dim=0) * model.factors.moments().mean.norm(dim=0)
+    tried = torch.argsort(size).tolist()
+    best = elbo()
+    without: dict[int, float] = {}
+    last_pruned = -1
+    for position, k in enumerate(tried):
+        _switch(model, k, False)
+        trial = elbo()
+        if np.isfinite(trial) and trial >= best:
+            best, last_pruned = trial, position
+            logger.info("pruned factor %d: the ELBO is no lower without it", k)
+        else:
+            _switch(model, k, True)
+            without[k] = trial
+    # `best` is the ELBO of the kept factors, with the same draws
+    contribution = np.zeros(len(tried))
+    for position, k in enumerate(tried):
+        if k not in without:
+            continue
+        if position < last_pruned:  # tried while a later-pruned factor was still on
+            _switch(model, k, False)
+            without[k] = elbo()
+            _switch(model, k, True)
+        contribution[k] = best - without[k]
+    active = model.factors.active.cpu().numpy() > 0
+    order = np.lexsort((-contribution, ~active))
+    index = torch.as_tensor(order, device=model.factors.active.device)
+    model.loadings.permute_(index)
+    model.factors.permute_(index)
+    return contribution[order], order
+
+
+# ------------------------------------------------------------------ reporting
+def fitted_attributes(model: SparseFactorModel) -> dict:
+    """The fitted ``*_`` attributes a model gives the estimator (numpy)."""
+    out = {}
+    for side in ("loadings", "factors"):
+        family = getattr(model, side)
+        post = family.posterior()
+        out[f"{side}_pip_"], out[f"{side}_sd_"], out[f"{side}_lfsr_"] = (
+            post.pip,
+            post.sd,
+            post.lfsr,
+        )
+        out[f"{side}_mean_"] = post.mean
+        with torch.no_grad():
+            for key, value in family.prior_summary().items():
+                out[f"{side}_{key}_"] = _numpy(value)
+    out["loadings_"] = out.pop("loadings_mean_")
+    out["components_"] = out.pop("factors_mean_").T.copy()
+    with torch.no_grad():
+        out["intercept_"] = _numpy(model.intercept_mean())
+        if model.intercept is not None:
+            out["intercept_prior_mean_"] = float(model.intercept.prior_mean)
+            out["intercept_prior_scale_"] = float(model.intercept.prior_scale)
+    out.update(model.likelihood.fitted_attributes())
+    out["active_components_"] = model.factors.active.cpu().numpy() > 0
+    out["n_effective_components_"] = int(out["active_components_"].sum())
+    return out
+
+
+def explained_variance_ratio(X, loadings: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Gaussian: share of the observed variance of each feature-centred factor term.
+
+    With ``o`` the observed entries, ``count_j``, ``A = o^T l`` and
+    ``B = o^T l^2``, the centred term ``l_k f_k^T`` has observed sum of squares
+    ``sum_j f_jk^2 (B_jk - A_jk^2 / count_j)``; every sum is accumulated over
+    chunks of rows, so no ``n x p`` array is formed.
+    """
+    n, p = X.shape
+    k = loadings.shape[1]
+    count, s1, s2 = np.zeros(p), np.zeros(p), np.zeros(p)
+    a_sum, b_sum = np.zeros((p, k)), np.zeros((p, k))
+    chunk = max(1, INIT_ENTRIES // p)
+    for a in range(0, n, chunk):
+        rows = np.arange(a, min(a + chunk, n))
+        x, mask = dense_rows(X, rows)
+        obs = np.ones_like(x) if mask is None else mask
+        lo = loadings[rows]
+        count += obs.sum(0)
+        s1 += x.sum(0)
+        s2 += (x**2).sum(0)
+        a_sum += obs.T @ lo
+        b_sum += obs.T @ lo**2
+    count = np.maximum(count, 1.0)
+    total = float((s2 - s1**2 / count).sum())
+    if total <= 0:  # constant features: nothing to explain
+        return np.zeros(k)
+    explained = ((b_sum - a_sum**2 / count[:, None]) * components.T**2).sum(0)
+    return explained / total
+
+
+def sample_data(model, s, n_draws: int, n_features: int, rng) -> np.ndarray:
+    """Posterior predictive data sets of the model's rows, ``(n_draws, n, p)``.
+
+    Each draw takes ``L``, ``F`` and ``b`` jointly from ``q``, then data from
+    the likelihood at ``s h(L F^T + b)`` with the fitted nuisance parameters.
+    """
+    n = model.loadings.m
+    gen = torch.Generator(device=model.factors.active.device)
+    gen.manual_seed(int(rng.randint(2**31 - 1)))
+    data_rng = np.random.default_rng(rng.randint(2**31 - 1))
+    out = np.empty((n_draws, n, n_features))
+    with torch.no_grad():
+        for d in range(n_draws):
+            mean = _numpy(model.likelihood.mean(model.sample_eta(gen)))
+            if s is not None:
+                mean = mean * s[:, None]
+            out[d] = model.likelihood.sample(mean, data_rng)
+    return out

@@ -1,0 +1,45 @@
+"""The Poisson likelihood."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import stats
+
+from .base import Likelihood
+
+__all__ = ["Poisson"]
+
+
+class Poisson(Likelihood):
+    """``x_ij ~ Poisson(mu_ij)`` with ``mu_ij = s_i h(eta_ij)``.
+
+    ``log p = x log mu - mu - lgamma(x + 1)``, with ``log mu`` evaluated
+    stably by the link (no ``log(softplus)`` underflow), and
+    ``log(-log p(0)) = log mu``.
+
+    Parameters
+    ----------
+    link : str or Link, default="softplus"
+        A positive link.
+    """
+
+    name = "poisson"
+    integer_support = True
+    positive_mean = True
+
+    def log_prob(self, x, eta, log_s, rows=None, cols=None):
+        log_mu = self.log_mean(eta, log_s)
+        return x * log_mu - torch.exp(log_mu) - torch.lgamma(x + 1.0)
+
+    def log_neg_log_prob_zero(self, eta, log_s, rows=None, cols=None):
+        return self.log_mean(eta, log_s)
+
+    def variance_function(self, mu):
+        return mu
+
+    def sample(self, mean, rng):
+        return rng.poisson(mean).astype(np.float64)
+
+    def scipy_distribution(self, mean):
+        return stats.poisson(mean)
