@@ -10,6 +10,7 @@ from __future__ import annotations
 from .base import Moments, PriorFamily
 from .normal_effect import NormalEffect, normal_kl
 from .normal_mixture import NormalMixture, NormalMixturePosterior
+from .point_exponential import PointExponential, PointExponentialPosterior
 from .point_normal import PointNormal, PointNormalPosterior, point_normal_kl
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "PriorFamily",
     "PointNormal",
     "PointNormalPosterior",
+    "PointExponential",
+    "PointExponentialPosterior",
     "NormalMixture",
     "NormalMixturePosterior",
     "NormalEffect",
@@ -30,7 +33,7 @@ __all__ = [
 
 #: the registered families, by name
 PRIORS: dict[str, type[PriorFamily]] = {
-    cls.name: cls for cls in (PointNormal, NormalMixture)
+    cls.name: cls for cls in (PointNormal, PointExponential, NormalMixture)
 }
 
 #: the matrices a family can be put on
