@@ -153,3 +153,26 @@ def simulate_sparse_counts(
         blocks.append(sp.csr_matrix(counts))
     sim.x = sp.vstack(blocks, format="csr")
     return sim
+
+
+def simulate_parts(
+    *, n=200, p=500, k=4, pi0=(0.7, 0.9), mean=(1.5, 1.5), intercept=-2.0, seed=1
+) -> Simulation:
+    """Non-negative parts-based counts: ``x ~ Poisson(softplus(b + L F^T))``.
+
+    Each entry of ``L`` (``F``) is 0 with probability ``pi0[0]`` (``pi0[1]``)
+    and otherwise exponential with mean ``mean[0]`` (``mean[1]``): each sample
+    uses a few programmes, each programme raises a few features above the
+    baseline ``softplus(intercept)``.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(m, zero, scale):
+        on = rng.uniform(size=(m, k)) > zero
+        return np.where(on, rng.exponential(scale, size=(m, k)), 0.0)
+
+    loadings, factors = draw(n, pi0[0], mean[0]), draw(p, pi0[1], mean[1])
+    b = np.full(p, float(intercept))
+    rate = np.logaddexp(0.0, loadings @ factors.T + b)
+    x = rng.poisson(rate).astype(float)
+    return Simulation(x, loadings, factors, rate, None, "poisson", b)
