@@ -105,7 +105,8 @@ def initialize(
     slope = link.derivative(eta0)
 
     likelihood.initialize(feature_mean, feature_var)
-    w = _working_weights(likelihood, mu0, slope)
+    # a free noise variance is not known before the low-rank fit: unweighted SVD
+    w = _working_weights(likelihood, mu0, slope) if likelihood.variance_from_mean else np.ones(p)
 
     z = obs * (y - mu0) / slope
     k = n_components

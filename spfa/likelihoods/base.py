@@ -51,6 +51,11 @@ class Likelihood(torch.nn.Module):
     #: the mean is ``s h(eta)`` with a positive link ``h`` (checked on
     #: construction), so that size factors ``s`` apply
     positive_mean: bool = False
+    #: the variance of ``x`` is a function of its mean (Poisson, NB): the start's
+    #: SVD weights the working residual by it. False: a free per-feature noise
+    #: variance (Gaussian), which the start learns from the SVD's residual, so
+    #: the SVD itself is unweighted
+    variance_from_mean: bool = True
     #: False for a model of the non-zero entries only (zero-truncated): the
     #: estimator then fits the non-zero entries and nothing else
     observes_zeros: bool = True
@@ -322,6 +327,10 @@ class LikelihoodWrapper(Likelihood):
     @property
     def positive_mean(self) -> bool:
         return self.base.positive_mean
+
+    @property
+    def variance_from_mean(self) -> bool:
+        return self.base.variance_from_mean
 
     @property
     def row_parameters(self) -> tuple[str, ...]:

@@ -31,6 +31,7 @@ class Gaussian(Likelihood):
     name = "gaussian"
     integer_support = False
     positive_mean = False
+    variance_from_mean = False
 
     def __init__(self, link: str | Link = "identity"):
         super().__init__("identity")
