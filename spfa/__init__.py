@@ -2,6 +2,7 @@
 
 import logging
 
+from ._validation import NonIntegerCountsWarning
 from ._version import __version__
 from .estimator import SparseFactorAnalysis
 from .likelihoods import LIKELIHOODS, Likelihood, get_likelihood
@@ -16,6 +17,7 @@ __all__ = [
     "Link",
     "LIKELIHOODS",
     "LINKS",
+    "NonIntegerCountsWarning",
     "PRIORS",
     "get_likelihood",
     "__version__",

@@ -4,6 +4,7 @@ that names it."""
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -11,6 +12,8 @@ import torch
 from sklearn.utils.validation import validate_data
 
 __all__ = [
+    "INTEGER_TOLERANCE",
+    "NonIntegerCountsWarning",
     "check_count_values",
     "check_data",
     "dense_rows",
@@ -41,22 +44,60 @@ def check_positive_float(value, name: str, allow_zero: bool = False) -> float:
 _CHUNK = 2**22
 
 
-def check_count_values(values: np.ndarray) -> None:
-    """ValueError unless every non-NaN value is a non-negative integer (NaN is missing)."""
+#: a value this close to an integer is that integer (exports of counts carry float noise)
+INTEGER_TOLERANCE = 1e-6
+
+
+class NonIntegerCountsWarning(UserWarning):
+    """Count likelihoods were given non-negative data that are not all integers."""
+
+
+def check_count_values(values: np.ndarray, *, fractional: str = "warn") -> bool:
+    """Check the non-NaN values given to a count likelihood (NaN is missing).
+
+    Values within ``INTEGER_TOLERANCE`` of an integer are counts. Other
+    non-negative values (normalised or ambient-corrected counts) are fitted
+    under the continuous extension of the count log-likelihoods (``lgamma``
+    in place of the factorial, as NMF-KL and GLM-PCA do), with one
+    :class:`NonIntegerCountsWarning`; ``fractional="error"`` refuses them.
+
+    Returns
+    -------
+    bool
+        Whether every value is a count.
+
+    Raises
+    ------
+    ValueError
+        For a negative value, or a non-integer one with ``fractional="error"``.
+    """
     flat = values.reshape(-1)
+    integral = True
     for start in range(0, flat.size, _CHUNK):
         chunk = flat[start : start + _CHUNK]
         chunk = chunk[~np.isnan(chunk)]
         if chunk.size and chunk.min() < 0:
             raise ValueError(
                 "Negative values in data passed to a count likelihood: X has negative "
-                "values; counts must be non-negative integers"
+                "values; counts must be non-negative (use likelihood='gaussian' for "
+                "data on the real line)"
             )
-        if not np.all(chunk == np.round(chunk)):
-            raise ValueError(
-                "X has non-integer values; count likelihoods need integer counts "
-                "(use likelihood='gaussian' for continuous data)"
-            )
+        integral = integral and bool(np.all(np.abs(chunk - np.rint(chunk)) <= INTEGER_TOLERANCE))
+    if not integral and fractional == "error":
+        raise ValueError(
+            f"X has non-integer values (more than {INTEGER_TOLERANCE:g} from an integer); "
+            "binomial thinning splits counts"
+        )
+    if not integral:
+        warnings.warn(
+            "X has non-integer values (more than 1e-6 from an integer): the count "
+            "likelihood is used in its continuous extension (lgamma for the factorial), "
+            "as for normalised or ambient-corrected counts. Pass raw counts where you "
+            "have them.",
+            NonIntegerCountsWarning,
+            stacklevel=4,
+        )
+    return integral
 
 
 def check_data(estimator, X, *, reset: bool, likelihood):

@@ -102,8 +102,8 @@ def thin_counts(X, fraction=0.1, random_state=None):
         values = test
     if np.isnan(values).any():
         raise ValueError("thin_counts needs complete counts; X has NaN entries")
-    check_count_values(values)
-    values[...] = rng.binomial(values.astype(np.int64), fraction)
+    check_count_values(values, fractional="error")
+    values[...] = rng.binomial(np.rint(values).astype(np.int64), fraction)
     if sp.issparse(test):
         test.eliminate_zeros()
         train = sp.csr_matrix(X, dtype=np.float64) - test

@@ -220,7 +220,6 @@ def test_fit_on_cuda_matches_cpu(counts):
 # ---------------------------------------------------------------- bad input
 BAD_X = [
     (np.array([[1.0, -1.0], [2.0, 3.0]]), "negative"),
-    (np.array([[1.0, 0.5], [2.0, 3.0]]), "non-integer"),
     (np.array([[1.0, np.inf], [2.0, 3.0]]), "infinity"),
     (np.ones(5), "2D array"),
     (np.ones((2, 2, 2)), "dim"),
@@ -489,3 +488,28 @@ def test_every_prior_fits_transforms_and_round_trips(prior, counts, tmp_path):
     again = SparseFactorAnalysis.load(tmp_path / "fit.spfa")
     assert again.prior == prior
     np.testing.assert_array_equal(again.transform(counts[:7]), Z)
+
+
+def test_counts_as_users_have_them(counts):
+    """Float noise within 1e-6 of an integer is a count; other non-negative values are
+    fitted (continuous extension) with one warning; thinning refuses them."""
+    from spfa import NonIntegerCountsWarning
+    from spfa.heldout import thin_counts
+
+    noisy = counts + np.random.default_rng(0).uniform(-2e-7, 2e-7, counts.shape)
+    noisy[counts == 0] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonIntegerCountsWarning)
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a = SparseFactorAnalysis(2, **FAST).fit(noisy)
+    b = fit_quiet(SparseFactorAnalysis(2, **FAST), counts)
+    np.testing.assert_allclose(a.components_, b.components_, atol=1e-3)
+    scaled = counts * 0.37  # e.g. normalised counts
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = SparseFactorAnalysis(2, **FAST).fit(scaled)
+        kinds = [w.category for w in caught]
+        assert kinds.count(NonIntegerCountsWarning) == 1
+        assert np.all(np.isfinite(est.components_)) and np.isfinite(est.score(scaled))
+    with pytest.raises(ValueError, match="non-integer"):
+        thin_counts(scaled, 0.5, random_state=0)
