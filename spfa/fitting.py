@@ -48,6 +48,8 @@ PRUNE_BUDGET = 2**25
 #: most entries (rows x p) made dense at once: the initial SVD sees a random subset of
 #: rows beyond this, and row-wise work (projections, summaries) runs in chunks of it
 INIT_ENTRIES = 2**24
+#: smallest factor on the start's L F^T tried to make a non-finite start ELBO finite
+START_SHRINK_LIMIT = 1e-3
 
 
 @dataclass
@@ -158,9 +160,10 @@ def _start_block(X, s, likelihood, k, rng):
     return rows, x, mask, s_rows
 
 
-def start_model(model, X, s, settings: FitSettings, rng, start=None) -> None:
-    """Start ``model`` from the data (:func:`spfa.initialization.initialize`) or
-    from given means ``start = (L0, F0)``, through the families' ``start_`` seam."""
+def compute_start(model, X, s, settings: FitSettings, rng, start=None):
+    """The start's point estimates (:func:`spfa.initialization.initialize`) from the
+    data, or from given means ``start = (L0, F0)``; returns ``(init, rows)`` where
+    ``rows`` is the subset of rows the SVD saw (None: all)."""
     likelihood = model.likelihood
     sub, x0, mask0, s0 = _start_block(X, s, likelihood, settings.n_components, rng)
     start0 = start if start is None or sub is None else (start[0][sub], start[1])
@@ -176,21 +179,26 @@ def start_model(model, X, s, settings: FitSettings, rng, start=None) -> None:
         start=start0,
         nonnegative=nonnegative,
     )
-    del x0, mask0
+    return init, sub
+
+
+def apply_start(model, init, sub, X, s, settings: FitSettings, start=None, shrink=1.0) -> None:
+    """Set ``model`` to the start, through the families' ``start_prior_`` / ``start_``
+    seam; ``shrink`` scales the loadings' point estimates (and so ``L F^T``)."""
     model.loadings.start_prior_(init.loadings)
     model.factors.start_prior_(init.factors)
     model.factors.start_(init.factors, init.factors_precision)
     if sub is None:
-        model.loadings.start_(init.loadings, init.loadings_precision)
+        model.loadings.start_(shrink * init.loadings, init.loadings_precision)
     with torch.no_grad():
         for name, value in (init.intercept or {}).items():
             getattr(model.intercept, name).copy_(torch.as_tensor(value))
     model.to(settings.device)
     if sub is not None:  # every row's loadings from the projection onto the start's F
-        start_rows(model, X, s, None if start is None else start[0])
+        start_rows(model, X, s, None if start is None else start[0], shrink)
 
 
-def start_rows(model, X, s, means=None) -> None:
+def start_rows(model, X, s, means=None, shrink=1.0) -> None:
     """Start ``q(L)`` of every row of ``X`` from the model's factors, in chunks of rows.
 
     The point estimates come from a ridge projection of the linearised data
@@ -205,7 +213,8 @@ def start_rows(model, X, s, means=None) -> None:
         s_rows = None if s is None else s[rows]
         weights = _working_weights(model)
         values = _project(model, x, mask, s_rows, weights) if means is None else means[rows]
-        model.loadings.start_(values, _data_precision(model, mask, len(rows), weights), rows)
+        precision = _data_precision(model, mask, len(rows), weights)
+        model.loadings.start_(shrink * values, precision, rows)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -294,10 +303,21 @@ def fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
     """Start, train, prune and rank a model of ``X`` (validated; see the estimator)."""
     n, p = X.shape
     model = new_model(n, p, likelihood, settings)
-    start_model(model, X, s, settings, rng, start)
+    init, sub = compute_start(model, X, s, settings, rng, start)
+    apply_start(model, init, sub, X, s, settings, start)
     gen = settings.generator(rng.randint(2**31 - 1))
     data = settings.batches(X, s, likelihood, seed=rng.randint(2**31 - 1))
     rule = settings.rule()
+    elbo = paired_elbo(data, model, settings)
+    shrink = 1.0
+    while not np.isfinite(elbo()):
+        # the linearised start overshoots where the link is steep (exp on rare
+        # features): draw L F^T towards 0 until the ELBO is finite
+        shrink /= 4.0
+        if shrink < START_SHRINK_LIMIT:
+            raise RuntimeError(_not_finite(model, "at the start, even with L F^T shrunk"))
+        logger.info("non-finite ELBO at the start: loadings shrunk by %g", shrink)
+        apply_start(model, init, sub, X, s, settings, start, shrink)
 
     def objective():
         return data.step_terms(model, rule, gen)
@@ -307,7 +327,7 @@ def fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
         result = _train(model, objective, data, settings, monitor)
     finally:
         monitor.close()
-    contribution, order = prune_and_rank(model, paired_elbo(data, model, settings))
+    contribution, order = prune_and_rank(model, elbo)
     # per-window priors were recorded in training order; report them in the final one
     history = {}
     for key, windows in monitor.prior_history.items():
@@ -344,6 +364,18 @@ def score_rows(model, data: RowBatches, settings: FitSettings) -> float:
     with torch.no_grad():
         terms = data.total_terms(model, settings.rule(N_SCORE_SAMPLES), settings.generator(0))
     return float(terms.elbo) / data.n_observed
+
+
+def _not_finite(model, when: str) -> str:
+    """The message of a fit whose ELBO is not finite, naming what overflowed."""
+    with torch.no_grad():
+        mean, var = model.eta_moments(rows=torch.arange(min(model.loadings.m, 4096)))
+    return (
+        f"the ELBO is not finite {when}: E[eta] reaches {float(mean.max()):.3g} with "
+        f"variance up to {float(var.max()):.3g}, where the {model.likelihood.link.name!r} "
+        f"link's mean overflows float32. Use link='softplus' (linear growth), or check "
+        "the data for extreme values"
+    )
 
 
 # ------------------------------------------------------------ prune and rank
@@ -396,6 +428,8 @@ def prune_and_rank(model: SparseFactorModel, elbo) -> tuple[np.ndarray, np.ndarr
         size = model.loadings.moments().mean.norm(dim=0) * model.factors.moments().mean.norm(dim=0)
     tried = torch.argsort(size).tolist()
     best = elbo()
+    if not np.isfinite(best):
+        raise RuntimeError(_not_finite(model, "after training"))
     without: dict[int, float] = {}
     last_pruned = -1
     for position, k in enumerate(tried):

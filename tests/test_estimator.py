@@ -513,3 +513,68 @@ def test_counts_as_users_have_them(counts):
         assert np.all(np.isfinite(est.components_)) and np.isfinite(est.score(scaled))
     with pytest.raises(ValueError, match="non-integer"):
         thin_counts(scaled, 0.5, random_state=0)
+
+
+def _steep_counts():
+    """Counts whose linearised exp-link start overflows: rare features, each with one
+    large count (as mitochondrial or ribosomal outliers in 10x data)."""
+    rng = np.random.default_rng(0)
+    x = rng.poisson(0.5, size=(200, 30)).astype(float)
+    x[:, 25:] = 0.0
+    x[rng.integers(200, size=5), np.arange(25, 30)] = 100.0
+    return x
+
+
+def test_exp_link_recovers_from_an_overflowing_start():
+    from spfa import fitting
+
+    x = _steep_counts()
+    est = SparseFactorAnalysis(3, link="exp", max_iter=300, random_state=0, device="cpu")
+    model = fitting.new_model(*x.shape, est._make_likelihood(), est._settings())
+    from sklearn.utils import check_random_state
+
+    init, sub = fitting.compute_start(model, x, None, est._settings(), check_random_state(0))
+    fitting.apply_start(model, init, sub, x, None, est._settings())
+    data = est._settings().batches(x, None, model.likelihood, seed=0)
+    assert not np.isfinite(fitting.paired_elbo(data, model, est._settings())())
+    est = fit_quiet(est, x)
+    assert np.isfinite(est.elbo_) and np.all(np.isfinite(est.components_))
+    assert np.isfinite(est.score(x))
+
+
+def test_a_start_that_cannot_be_made_finite_is_an_error(monkeypatch):
+    from spfa import fitting
+
+    monkeypatch.setattr(fitting, "START_SHRINK_LIMIT", 1.0)
+    est = SparseFactorAnalysis(3, link="exp", max_iter=50, random_state=0, device="cpu")
+    with pytest.raises(RuntimeError, match="not finite at the start.*'exp' link"):
+        est.fit(_steep_counts())
+
+
+def test_size_factors_are_not_dropped_silently_in_model_selection(counts):
+    """GridSearchCV passes size_factors to fit but not to score unless routing is on:
+    spfa warns there; with routing, the scores use them."""
+    import sklearn
+    from sklearn.model_selection import GridSearchCV
+
+    from spfa import SizeFactorsWarning
+
+    s = np.linspace(0.5, 2.0, counts.shape[0])
+    search = GridSearchCV(
+        SparseFactorAnalysis(max_iter=60, random_state=0, device="cpu"),
+        {"n_components": [1, 2]},
+        cv=2,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        with pytest.warns(SizeFactorsWarning, match="metadata_routing"):
+            search.fit(counts, size_factors=s)
+    with sklearn.config_context(enable_metadata_routing=True):
+        est = SparseFactorAnalysis(max_iter=60, random_state=0, device="cpu")
+        est.set_fit_request(size_factors=True).set_score_request(size_factors=True)
+        routed = GridSearchCV(est, {"n_components": [1, 2]}, cv=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            warnings.simplefilter("error", SizeFactorsWarning)
+            routed.fit(counts, size_factors=s)
+    assert np.all(np.isfinite(routed.cv_results_["mean_test_score"]))
