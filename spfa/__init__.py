@@ -2,7 +2,7 @@
 
 import logging
 
-from ._validation import NonIntegerCountsWarning
+from ._validation import NonIntegerCountsWarning, SizeFactorsWarning
 from ._version import __version__
 from .estimator import SparseFactorAnalysis
 from .likelihoods import LIKELIHOODS, Likelihood, get_likelihood
@@ -18,6 +18,7 @@ __all__ = [
     "LIKELIHOODS",
     "LINKS",
     "NonIntegerCountsWarning",
+    "SizeFactorsWarning",
     "PRIORS",
     "get_likelihood",
     "__version__",

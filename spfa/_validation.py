@@ -14,6 +14,7 @@ from sklearn.utils.validation import validate_data
 __all__ = [
     "INTEGER_TOLERANCE",
     "NonIntegerCountsWarning",
+    "SizeFactorsWarning",
     "check_count_values",
     "check_data",
     "dense_rows",
@@ -22,6 +23,7 @@ __all__ = [
     "check_positive_int",
     "check_positive_float",
     "check_start",
+    "warn_missing_size_factors",
 ]
 
 
@@ -50,6 +52,10 @@ INTEGER_TOLERANCE = 1e-6
 
 class NonIntegerCountsWarning(UserWarning):
     """Count likelihoods were given non-negative data that are not all integers."""
+
+
+class SizeFactorsWarning(UserWarning):
+    """Rows scored or transformed without size factors by a fit that had them."""
 
 
 def check_count_values(values: np.ndarray, *, fractional: str = "warn") -> bool:
@@ -208,6 +214,20 @@ def resolve_device(device) -> torch.device:
             f"device={device!r} was requested but CUDA is not available; use device='cpu' or 'auto'"
         )
     return dev
+
+
+def warn_missing_size_factors(training, given) -> None:
+    """A :class:`SizeFactorsWarning` when new rows come without size factors to a fit
+    that had them (e.g. scored inside ``GridSearchCV``, which drops them unless
+    metadata routing is enabled)."""
+    if given is None and training is not None:
+        warnings.warn(
+            "the fit had size_factors but these rows have none, so they get size factor "
+            "1: pass size_factors= (inside GridSearchCV or cross_val_score, enable "
+            "sklearn.set_config(enable_metadata_routing=True) and request them)",
+            SizeFactorsWarning,
+            stacklevel=4,
+        )
 
 
 def check_start(init_loadings, init_factors, n: int, p: int, k: int):

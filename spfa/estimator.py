@@ -20,6 +20,7 @@ from ._validation import (
     check_size_factors,
     check_start,
     resolve_device,
+    warn_missing_size_factors,
 )
 from .expectation import get_expectation
 from .likelihoods import get_likelihood
@@ -260,6 +261,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     # -------------------------------------------------------------- new rows
     def _fit_rows(self, X, size_factors):
         check_is_fitted(self)
+        warn_missing_size_factors(self.training_size_factors_, size_factors)
         likelihood = self._make_likelihood()
         X, s = self._data(X, size_factors, reset=False, likelihood=likelihood)
         settings = self._settings(self.device_)

@@ -20,6 +20,9 @@ from spfa.simulate import simulate
 
 GENES = [f"gene{j}" for j in range(40)]
 
+# these tests transform rows without the training size factors on purpose
+pytestmark = pytest.mark.filterwarnings("ignore::spfa.SizeFactorsWarning")
+
 
 def _fit(likelihood="negative_binomial", **kw):
     data = likelihood if likelihood in ("gaussian", "poisson") else "negative_binomial"
