@@ -23,6 +23,7 @@ __all__ = [
     "check_positive_int",
     "check_positive_float",
     "check_start",
+    "clear_fitted",
     "warn_missing_size_factors",
 ]
 
@@ -228,6 +229,12 @@ def warn_missing_size_factors(training, given) -> None:
             SizeFactorsWarning,
             stacklevel=4,
         )
+
+
+def clear_fitted(estimator) -> None:
+    """Remove every fitted ``*_`` attribute (before a refit)."""
+    for name in [a for a in vars(estimator) if a.endswith("_") and not a.startswith("__")]:
+        delattr(estimator, name)
 
 
 def check_start(init_loadings, init_factors, n: int, p: int, k: int):

@@ -19,6 +19,7 @@ from ._validation import (
     check_positive_int,
     check_size_factors,
     check_start,
+    clear_fitted,
     resolve_device,
     warn_missing_size_factors,
 )
@@ -57,12 +58,12 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         ``E_q[log p(x | eta)]`` by Monte Carlo draws (local
         reparameterisation) or Gauss--Hermite quadrature (:mod:`spfa.expectation`).
     n_mc_samples, n_quadrature_nodes : int, default=1, 8
+        Monte Carlo draws per step; Gauss--Hermite nodes per entry.
     max_iter : int, default=3000
         Passes over the data (optimiser steps in full-batch training).
     tol : float, default=1e-4
-        Relative ELBO change between windows of 50 steps under which (or
-        under twice its Monte Carlo standard error) the fit has reached a
-        plateau; the first plateau divides the step size, the second ends the fit.
+        Relative ELBO change between 50-step windows (or twice its MC error) that
+        is a plateau; the first plateau divides the step size, the second ends the fit.
     learning_rate : float, default=0.05
     batch_size : int or None, default=None
         Rows per step of stochastic VI; None uses all rows each step. Sparse
@@ -75,7 +76,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     log_dir : str or path, default=None
         Write a TensorBoard run here (``loss/...``, ``prior/...``).
     verbose : bool, default=False
-        Log the ELBO once per window (``logging``, logger ``spfa``).
+        Show the ELBO once per window (logger ``spfa``, level INFO, on stderr).
 
     Attributes
     ----------
@@ -90,7 +91,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     loadings_prior_<key>_, factors_prior_<key>_ : ndarray of shape (n_components, ...)
         The learned prior per factor: ``pi`` and ``scale`` for the point
         families, ``scale`` and ``weights`` for the normal mixture.
-    intercept_, intercept_prior_mean_, intercept_prior_scale_ : ndarray (n_features,), float
+    intercept_, intercept_prior_mean_, intercept_prior_scale_ : ndarray (p,), float, float
     active_components_ : ndarray of bool, shape (n_components,)
         False for a factor pruned after training; pruned factors come last.
     n_effective_components_ : int
@@ -103,9 +104,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     training_size_factors_ : ndarray of shape (n_samples,) or None
     state_dict_ : dict of Tensor
         The fitted torch module's state (:meth:`get_model` rebuilds it).
-    elbo_ : float
-        ELBO of the training data (mean over the last window of steps).
-    n_iter_ : int
+    elbo_, n_iter_ : float, int
+        ELBO of the training data (mean over the last window); passes.
     history_ : dict of lists
         ``"elbo"``, ``"err"``, ``"kl_l"``, ``"kl_f"``, ``"kl_b"`` per pass,
         and the learned priors per window (``"step"``).
@@ -210,6 +210,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         """
         settings = self._settings()
         likelihood = self._make_likelihood()
+        clear_fitted(self)  # a refit (e.g. with another prior) leaves nothing stale
         X, s = self._data(X, size_factors, reset=True, likelihood=likelihood)
         n, p = X.shape
         k = settings.n_components
@@ -250,8 +251,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         return self.fit(X, **fit_params).loadings_.copy()
 
     def get_model(self):
-        """The fitted torch module (:class:`spfa.model.SparseFactorModel`) with the
-        training rows, on ``device_``."""
+        """The fitted :class:`spfa.model.SparseFactorModel` (training rows), on ``device_``."""
         check_is_fitted(self)
         n = self.state_dict_["loadings.mean"].shape[0]
         settings = self._settings(self.device_)
@@ -269,8 +269,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         return fitting.fit_rows(self.state_dict_, X, s, likelihood, settings, rng), settings
 
     def transform(self, X, *, size_factors=None):
-        """Posterior mean loadings ``E[L]`` of new rows, ``(n_samples, n_components)``;
-        only ``q(L)`` of the new rows is fitted, everything else held fixed."""
+        """``E[L]`` of new rows, ``(n, k)``: their ``q(L)`` is fitted, all else held fixed."""
         (model, _, _), _ = self._fit_rows(X, size_factors)
         return model.loadings.posterior().mean
 
@@ -299,6 +298,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         """The features of each kept factor with PIP >= ``min_pip``, ranked by
         ``|E[f_jk]|``: records ``component, rank, feature, index, pip, mean, sd, lfsr``
         (see :func:`spfa.posterior.top_features`)."""
+        check_is_fitted(self)
         names = getattr(self, "feature_names_in_", None)
         if names is None:
             names = np.array([f"x{j}" for j in range(self.n_features_in_)], dtype=object)
@@ -311,8 +311,9 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         Z = np.asarray(Z, dtype=np.float64)
         if Z.ndim != 2 or Z.shape[1] != self.n_components:
             raise ValueError(f"Z must have shape (n_samples, {self.n_components}), got {Z.shape}")
-        eta = torch.as_tensor(Z @ self.components_ + self.intercept_)
-        return self._make_likelihood().mean(eta).double().numpy()
+        likelihood = self.get_model().likelihood.double()  # fitted: e.g. zero inflation
+        eta = torch.as_tensor(Z @ self.components_ + self.intercept_, device=self.device_)
+        return likelihood.mean(eta).cpu().numpy()
 
     def sample(self, n_draws=1, *, size_factors=None, random_state=None):
         """Posterior predictive data sets of the training rows, ``(n_draws, n, p)``:

@@ -14,6 +14,7 @@ seams only (:mod:`spfa.priors.base`, :mod:`spfa.likelihoods`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ import torch
 from ._validation import dense_rows
 from .data import RowBatches
 from .expectation import Expectation, get_expectation
-from .initialization import initialize
+from .initialization import initialize, working_weights
 from .likelihoods import Likelihood
 from .model import SparseFactorModel
 from .monitor import Monitor
@@ -167,7 +168,7 @@ def compute_start(model, X, s, settings: FitSettings, rng, start=None):
     likelihood = model.likelihood
     sub, x0, mask0, s0 = _start_block(X, s, likelihood, settings.n_components, rng)
     start0 = start if start is None or sub is None else (start[0][sub], start[1])
-    nonnegative = "nonnegative" in (model.loadings.support, model.factors.support)
+    nonnegative = tuple(f.support == "nonnegative" for f in (model.loadings, model.factors))
     init = initialize(
         x0,
         mask0,
@@ -210,6 +211,8 @@ def start_rows(model, X, s, means=None, shrink=1.0) -> None:
     for a in range(0, n, chunk):
         rows = np.arange(a, min(a + chunk, n))
         x, mask = dense_rows(X, rows)
+        if not model.likelihood.observes_zeros:  # the zeros are not data here
+            mask = ((x != 0) & (mask is None or mask > 0)).astype(np.float64)
         s_rows = None if s is None else s[rows]
         weights = _working_weights(model)
         values = _project(model, x, mask, s_rows, weights) if means is None else means[rows]
@@ -223,13 +226,12 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 def _working_weights(model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(w, mu0, slope)`` of the model linearised at its intercept (see initialization)."""
+    lik = model.likelihood
     with torch.no_grad():
         b = _numpy(model.intercept_mean())
-        lik = model.likelihood
-        mu0 = _numpy(lik.mean(torch.as_tensor(b)))
+        mu0 = _numpy(lik.mean(model.intercept_mean()))
     slope = lik.link.derivative(b)
-    var = lik.variance_function(np.maximum(np.abs(mu0), 1e-12))
-    return slope**2 / np.maximum(var, 1e-300), mu0, slope
+    return working_weights(lik, mu0, slope), mu0, slope
 
 
 def _project(model, x, mask, s, weights) -> np.ndarray:
@@ -288,6 +290,29 @@ def _train(model, objective, data: RowBatches, settings: FitSettings, monitor=No
     return result
 
 
+@contextlib.contextmanager
+def _progress(verbose: bool):
+    """With ``verbose``, show spfa's INFO log records (the ELBO per window, pruning) on
+    stderr for the duration of a fit, unless the application configured logging."""
+    root = logging.getLogger("spfa")
+    if not verbose:
+        yield
+        return
+    handler = None
+    if not logging.getLogger().handlers and len(root.handlers) <= 1:  # only our NullHandler
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[spfa] %(message)s"))
+        root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        if handler is not None:
+            root.removeHandler(handler)
+
+
 @dataclass
 class Fit:
     """What :func:`fit_model` returns besides the fitted model."""
@@ -324,7 +349,8 @@ def fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
 
     monitor = Monitor(model, settings.log_dir)
     try:
-        result = _train(model, objective, data, settings, monitor)
+        with _progress(settings.verbose):
+            result = _train(model, objective, data, settings, monitor)
     finally:
         monitor.close()
     contribution, order = prune_and_rank(model, elbo)
@@ -369,12 +395,19 @@ def score_rows(model, data: RowBatches, settings: FitSettings) -> float:
 def _not_finite(model, when: str) -> str:
     """The message of a fit whose ELBO is not finite, naming what overflowed."""
     with torch.no_grad():
-        mean, var = model.eta_moments(rows=torch.arange(min(model.loadings.m, 4096)))
+        rows = torch.arange(min(model.loadings.m, 4096), device=model.factors.active.device)
+        mean, var = model.eta_moments(rows=rows)
+    link = model.likelihood.link.name
+    if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
+        return (
+            f"the ELBO is not finite {when}: the moments of eta are NaN or infinite (a "
+            "row or feature with nothing observed, or parameters that diverged)"
+        )
+    advice = " Use link='softplus' (linear growth)." if link == "exp" else ""
     return (
         f"the ELBO is not finite {when}: E[eta] reaches {float(mean.max()):.3g} with "
-        f"variance up to {float(var.max()):.3g}, where the {model.likelihood.link.name!r} "
-        f"link's mean overflows float32. Use link='softplus' (linear growth), or check "
-        "the data for extreme values"
+        f"variance up to {float(var.max()):.3g}, where the {link!r} link's mean "
+        f"overflows float32.{advice} Check the data for extreme values"
     )
 
 

@@ -33,16 +33,23 @@ class Start:
     loadings_precision: np.ndarray  # (n, k) data precision of each entry of L given F
     factors_precision: np.ndarray  # (p, k) the same for F given L
     intercept: dict | None  # mean, log_var (p,); prior_mean, prior_log_prec ()
-    feature_mean: np.ndarray  # (p,) mean of x / s
-    feature_var: np.ndarray  # (p,) residual variance after the rank-k fit
 
 
-def _nonnegative_signs(l0: np.ndarray, f0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flip each component's sign so that its positive parts carry the larger
-    share of ``l f^T`` (as NNDSVD, Boutsidis & Gallopoulos 2008): a non-negative
-    family then starts from the positive parts of the dominant sign."""
-    pos = np.linalg.norm(np.maximum(l0, 0), axis=0) * np.linalg.norm(np.maximum(f0, 0), axis=0)
-    neg = np.linalg.norm(np.minimum(l0, 0), axis=0) * np.linalg.norm(np.minimum(f0, 0), axis=0)
+def _nonnegative_signs(l0, f0, nonnegative: tuple[bool, bool]):
+    """Flip each component's sign so that the non-negative side(s) keep the larger
+    part: with both sides non-negative, the sign whose positive parts carry the
+    larger share of ``l f^T`` (as NNDSVD, Boutsidis & Gallopoulos 2008); with one,
+    the sign under which that side's positive part is the larger. A non-negative
+    family then starts from the positive parts."""
+
+    def parts(a):
+        return np.linalg.norm(np.maximum(a, 0), axis=0), np.linalg.norm(np.minimum(a, 0), axis=0)
+
+    (lp, ln), (fp, fn) = parts(l0), parts(f0)
+    if all(nonnegative):
+        pos, neg = lp * fp, ln * fn
+    else:
+        pos, neg = (lp, ln) if nonnegative[0] else (fp, fn)
     sign = np.where(neg > pos, -1.0, 1.0)
     return l0 * sign, f0 * sign
 
@@ -56,7 +63,7 @@ def initialize(
     fit_intercept: bool,
     random_state: np.random.RandomState,
     start: tuple[np.ndarray, np.ndarray] | None = None,
-    nonnegative: bool = False,
+    nonnegative: tuple[bool, bool] = (False, False),
 ) -> Start:
     """Starting values for the model and the likelihood's nuisance parameters.
 
@@ -77,9 +84,9 @@ def initialize(
         Given starting means of ``L`` and ``F`` (e.g. the truth, in a
         simulation), used in place of the SVD; the intercept then starts at
         the linearised fit of what ``L F^T`` leaves.
-    nonnegative : bool
-        A family on ``L`` or ``F`` is non-negative: each SVD component's sign
-        is chosen so that its positive parts dominate.
+    nonnegative : (bool, bool)
+        Whether the family on ``L`` and on ``F`` is non-negative: each SVD
+        component's sign is then chosen so that the positive parts dominate.
     """
     n, p = x.shape
     link = likelihood.link
@@ -106,7 +113,7 @@ def initialize(
 
     likelihood.initialize(feature_mean, feature_var)
     # a free noise variance is not known before the low-rank fit: unweighted SVD
-    w = _working_weights(likelihood, mu0, slope) if likelihood.variance_from_mean else np.ones(p)
+    w = working_weights(likelihood, mu0, slope) if likelihood.variance_from_mean else np.ones(p)
 
     z = obs * (y - mu0) / slope
     k = n_components
@@ -127,15 +134,15 @@ def initialize(
             u, sv, vt = randomized_svd(y_w, k, random_state=random_state)
         l0 = u * np.sqrt(sv)
         f0 = (vt.T * np.sqrt(sv)) / np.sqrt(w)[:, None]
-        if nonnegative:
-            l0, f0 = _nonnegative_signs(l0, f0)
+        if any(nonnegative):
+            l0, f0 = _nonnegative_signs(l0, f0, nonnegative)
 
     # residual variance on the data scale, for the Gaussian noise and NB dispersion
     resid = obs * (z - l0 @ f0.T) * slope
     feature_var = (resid**2).sum(0) / n_obs
     likelihood.initialize(feature_mean, feature_var)
     # the working weights again, at the nuisance parameters fitted to the residual
-    w = _working_weights(likelihood, mu0, slope)
+    w = working_weights(likelihood, mu0, slope)
 
     intercept = None
     if fit_intercept:
@@ -152,12 +159,10 @@ def initialize(
         loadings_precision=(w[None, :] * obs) @ (f0**2),
         factors_precision=w[:, None] * (obs.T @ (l0**2)),
         intercept=intercept,
-        feature_mean=feature_mean,
-        feature_var=feature_var,
     )
 
 
-def _working_weights(likelihood: Likelihood, mu0: np.ndarray, slope: np.ndarray) -> np.ndarray:
+def working_weights(likelihood: Likelihood, mu0: np.ndarray, slope: np.ndarray) -> np.ndarray:
     """``w_j = h'(eta0_j)^2 / V(h(eta0_j))``, the precision of the working residual."""
     var_fn = likelihood.variance_function(np.maximum(mu0, 1e-12))
     w = slope**2 / np.maximum(var_fn, 1e-300)

@@ -85,6 +85,8 @@ class PriorFamily(torch.nn.Module):
     n_values: int = 1
     row_parameter_names: tuple[str, ...] = ()
     prior_parameter_names: tuple[str, ...] = ()
+    #: buffers with one entry per factor (``[k, ...]``), reordered with the factors
+    factor_buffer_names: tuple[str, ...] = ()
 
     def __init__(self, m: int, k: int):
         super().__init__()
@@ -217,7 +219,8 @@ class PriorFamily(torch.nn.Module):
         for tensor in self.variational_parameters():
             view = tensor.view(tensor.shape[0], self.k, self.n_values)
             view.copy_(view[:, order])
-        for tensor in self.prior_parameters() + [self.active]:
+        buffers = [getattr(self, name) for name in self.factor_buffer_names]
+        for tensor in self.prior_parameters() + buffers + [self.active]:
             tensor.copy_(tensor[order])
 
     def _index(self, rows) -> torch.Tensor | slice:

@@ -53,6 +53,7 @@ class NormalMixture(PriorFamily):
     n_values = len(GRID_MULTIPLIERS)
     row_parameter_names = ("logits", "mean", "log_prec")
     prior_parameter_names = ("prior_logits",)
+    factor_buffer_names = ("grid_log_sd",)
 
     def __init__(self, m: int, k: int):
         super().__init__(m, k)
@@ -90,7 +91,7 @@ class NormalMixture(PriorFamily):
     def _draw(self, n_draws, generator, logits, mu, log_prec):
         shape = (n_draws,) + tuple(logits.shape)
         z = self._component(logits, generator, shape).unsqueeze(-1)
-        eps = torch.randn(shape[:-1], generator=generator, dtype=mu.dtype)
+        eps = torch.randn(shape[:-1], generator=generator, dtype=mu.dtype, device=mu.device)
         mu, log_prec = mu.expand(shape), log_prec.expand(shape)
         value = (
             mu.gather(-1, z).squeeze(-1)
@@ -134,10 +135,12 @@ class NormalMixture(PriorFamily):
         prec = precision + 1.0 / prior_var
         self.mean[index] = (precision * values / prec).reshape(b, -1)
         self.log_prec[index] = torch.log(prec).reshape(b, -1)
-        marginal_var = prior_var + 1.0 / precision
-        log_resp = torch.log_softmax(self.prior_logits, -1) + _normal_logpdf(
-            values, 0.0, 0.5 * torch.log(marginal_var)
-        )
+        # no data on an entry (a row or feature with nothing observed): the prior
+        informed = (precision > 0).expand(-1, -1, self.n_values)
+        marginal_var = prior_var + 1.0 / torch.where(informed, precision, 1.0)
+        log_w = torch.log_softmax(self.prior_logits, -1)
+        log_resp = log_w + _normal_logpdf(values, 0.0, 0.5 * torch.log(marginal_var))
+        log_resp = torch.where(informed, log_resp, log_w.expand_as(log_resp))
         self.logits[index] = torch.log_softmax(log_resp, -1).reshape(b, -1)
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ so ``E[theta] >= 0`` exactly. ``mu / s << 0`` is common (an entry shrunk
 towards zero), where ``z + r(z)`` and ``1 - r m`` cancel catastrophically:
 they are computed in float64 from ``log_ndtr``, and by their asymptotic series
 (``1/t (1 - 2u + 10u^2 - ...)``, ``u = 1/t^2``, ``t = -z``)
-below ``z = -15``.
+below ``z = -20``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .point_normal import PIP_START
 
 __all__ = ["PointExponential", "PointExponentialPosterior", "truncated_normal_moments"]
 
-_SERIES_BELOW = -15.0
+_SERIES_BELOW = -20.0
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _LOG_CDF_AT_SERIES = float(special.log_ndtr(_SERIES_BELOW))
@@ -73,8 +73,8 @@ def truncated_normal_moments(
     Notes
     -----
     ``r`` comes from ``log_ndtr``, accurate for every ``z`` in float64. Below
-    ``z = -15`` (``t = -z``, ``u = 1/t^2``), ``m`` and ``v`` are the
-    asymptotic series of the Mills ratio (relative error below 1e-9 there),
+    ``z = -20`` (``t = -z``, ``u = 1/t^2``), ``m`` and ``v`` are the
+    asymptotic series of the Mills ratio (relative error below 1e-8 there),
     and ``h = (log Phi(z) + t^2/2) + t m / 2``, which avoids the cancellation
     of two terms of size ``t^2 / 2``. Every output is finite with finite
     gradients for every finite ``z``.
@@ -83,11 +83,11 @@ def truncated_normal_moments(
     z = z.double()
     log_cdf = torch.special.log_ndtr(z)
     series = z <= _SERIES_BELOW
-    zd = torch.clamp(z, min=_SERIES_BELOW)  # the direct branch sees z > -15 only
+    zd = torch.clamp(z, min=_SERIES_BELOW)  # the direct branch sees z > -20 only
     log_cdf_d = torch.where(series, torch.full_like(z, _LOG_CDF_AT_SERIES), log_cdf)
     r = torch.exp(-0.5 * zd**2 - _HALF_LOG_2PI - log_cdf_d)
     m_direct = zd + r
-    t = torch.clamp(-z, min=-_SERIES_BELOW)  # the series sees t >= 15 only
+    t = torch.clamp(-z, min=-_SERIES_BELOW)  # the series sees t >= 20 only
     u = 1.0 / t**2
     m_series = _poly(u, _M_SERIES) / t
     m = torch.where(series, m_series, m_direct)
@@ -153,8 +153,9 @@ class PointExponential(PointMassFamily):
 
     def _draw(self, n_draws, generator, logits, mu, log_prec):
         shape = (n_draws,) + tuple(mu.shape)
-        on = torch.rand(shape, generator=generator, dtype=mu.dtype) < torch.sigmoid(logits)
-        uniform = torch.rand(shape, generator=generator, dtype=torch.float64)
+        on = torch.rand(shape, generator=generator, dtype=mu.dtype, device=mu.device)
+        on = on < torch.sigmoid(logits)
+        uniform = torch.rand(shape, generator=generator, dtype=torch.float64, device=mu.device)
         slab = truncated_normal_draw(mu.expand(shape), torch.exp(-0.5 * log_prec), uniform)
         return {"value": torch.where(on, slab, torch.zeros(())), "on": on}
 

@@ -99,8 +99,9 @@ class PointNormal(PointMassFamily):
 
     def _draw(self, n_draws, generator, logits, mean, log_prec):
         shape = (n_draws,) + tuple(mean.shape)
-        on = torch.rand(shape, generator=generator, dtype=mean.dtype) < torch.sigmoid(logits)
-        eps = torch.randn(shape, generator=generator, dtype=mean.dtype)
+        kw = dict(generator=generator, dtype=mean.dtype, device=mean.device)
+        on = torch.rand(shape, **kw) < torch.sigmoid(logits)
+        eps = torch.randn(shape, **kw)
         value = torch.where(on, mean + torch.exp(-0.5 * log_prec) * eps, torch.zeros(()))
         return {"value": value, "on": on}
 

@@ -142,9 +142,12 @@ def _check_state(name, cls, family):
 def _check_switch_and_permute(name, family):
     with torch.no_grad():
         mean = family.moments().mean.clone()
+        kl = family.kl_entries().clone()
         family.permute_(torch.tensor([2, 0, 1]))
         if not torch.allclose(family.moments().mean, mean[:, [2, 0, 1]]):
             _fail(name, "permute_ does not reorder the factors")
+        if not torch.allclose(family.kl_entries(), kl[:, [2, 0, 1]]):
+            _fail(name, "permute_ does not reorder the factors' priors (KL changed)")
         family.active[0] = 0.0
         moments = family.moments()
         off = (moments.mean[:, 0], moments.var[:, 0], family.sample()[:, 0])
