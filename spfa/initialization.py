@@ -141,8 +141,9 @@ def initialize(
     resid = obs * (z - l0 @ f0.T) * slope
     feature_var = (resid**2).sum(0) / n_obs
     likelihood.initialize(feature_mean, feature_var)
-    # the working weights again, at the nuisance parameters fitted to the residual
-    w = working_weights(likelihood, mu0, slope)
+    if not likelihood.variance_from_mean:
+        # the free noise variance, now learned from the residual, weights the precisions
+        w = working_weights(likelihood, mu0, slope)
 
     intercept = None
     if fit_intercept:
