@@ -7,6 +7,7 @@ from ._version import __version__
 from .estimator import SparseFactorAnalysis
 from .likelihoods import LIKELIHOODS, Likelihood, get_likelihood
 from .links import LINKS, Link
+from .model_selection import choose_k
 from .priors import PRIORS
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -20,6 +21,7 @@ __all__ = [
     "NonIntegerCountsWarning",
     "SizeFactorsWarning",
     "PRIORS",
+    "choose_k",
     "get_likelihood",
     "__version__",
 ]

@@ -127,6 +127,21 @@ def test_heldout_score_picks_the_planted_number_of_factors(sim, method):
     assert kept[5] == 3
 
 
+def test_choose_k_picks_the_planted_number_of_factors(sim):
+    from spfa import choose_k
+
+    choice = choose_k(
+        SparseFactorAnalysis(random_state=0, device="cpu"), sim.x, [1, 3, 2, 5], fraction=0.2
+    )
+    assert [row["k"] for row in choice.table] == [1, 2, 3, 5]
+    assert choice.k == 3, choice.table
+    assert choice.table[-1]["n_effective"] == 3
+    with pytest.raises(ValueError, match="two candidates"):
+        choose_k(SparseFactorAnalysis(), sim.x, [3])
+    with pytest.raises(ValueError, match="tolerance"):
+        choose_k(SparseFactorAnalysis(), sim.x, [1, 2], tolerance=1.0)
+
+
 def test_heldout_score_rejects_unknown_method(sim):
     with pytest.raises(ValueError, match="method"):
         heldout_score(SparseFactorAnalysis(2), sim.x, method="bootstrap")

@@ -70,11 +70,12 @@ def test_missing_optional_peer_is_reported(monkeypatch):
     assert row["status"] == "not installed" and "mofapy2" in row["note"]
 
 
-def test_choose_k_smoke(capsys):
+def test_choose_k_smoke(caplog):
+    caplog.set_level("INFO", logger="simulations.choose_k")
     rows = choose_k.main(["--ks", "1", "3"])
     assert [(m, k) for m, k, _, _ in rows] == [("mask", 1), ("mask", 3), ("thin", 1), ("thin", 3)]
     assert all(kept <= k for _, k, _, kept in rows)
-    assert "held-out loglik" in capsys.readouterr().out
+    assert "held-out loglik" in caplog.text
 
 
 def test_scale_smoke(tmp_path, capsys):
