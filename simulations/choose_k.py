@@ -89,7 +89,7 @@ def real(args):
         ax.axvline(choice.k, color="grey", ls=":", label=f"chosen k = {choice.k}")
         ax.set_xlabel("n_components")
         ax.set_ylabel("held-out log-lik per entry")
-        ax.set_title(f"spfa.choose_k on {args.real} (thinning)")
+        ax.set_title(f"choose_k: {args.real}", fontsize=10)
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.figure, dpi=120)
