@@ -299,9 +299,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         ``|E[f_jk]|``: records ``component, rank, feature, index, pip, mean, sd, lfsr``
         (see :func:`spfa.posterior.top_features`)."""
         check_is_fitted(self)
-        names = getattr(self, "feature_names_in_", None)
-        if names is None:
-            names = np.array([f"x{j}" for j in range(self.n_features_in_)], dtype=object)
+        default = np.array([f"x{j}" for j in range(self.n_features_in_)], dtype=object)
+        names = getattr(self, "feature_names_in_", default)
         post = self.factors_posterior()
         return top_features(post, self.active_components_, names, n_top, min_pip)
 
@@ -311,9 +310,10 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         Z = np.asarray(Z, dtype=np.float64)
         if Z.ndim != 2 or Z.shape[1] != self.n_components:
             raise ValueError(f"Z must have shape (n_samples, {self.n_components}), got {Z.shape}")
-        likelihood = self.get_model().likelihood.double()  # fitted: e.g. zero inflation
-        eta = torch.as_tensor(Z @ self.components_ + self.intercept_, device=self.device_)
-        return likelihood.mean(eta).cpu().numpy()
+        lik = fitting.fitted_likelihood(
+            self.state_dict_, self.n_features_in_, self._make_likelihood(), self._settings("cpu")
+        )
+        return lik.double().mean(torch.as_tensor(Z @ self.components_ + self.intercept_)).numpy()
 
     def sample(self, n_draws=1, *, size_factors=None, random_state=None):
         """Posterior predictive data sets of the training rows, ``(n_draws, n, p)``:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._convert import to_numpy
 from ._validation import dense_rows
 from .data import RowBatches
 from .expectation import Expectation, get_expectation
@@ -141,6 +142,12 @@ def build_model(
     return model.to(settings.device)
 
 
+def fitted_likelihood(state: dict, p: int, likelihood: Likelihood, settings) -> Likelihood:
+    """The fitted likelihood of ``state`` (per-feature parameters, e.g. zero inflation),
+    from a model of one fresh row: no per-row state of the training rows is built."""
+    return build_model(state, 1, p, likelihood, settings, rows=False).likelihood
+
+
 # ----------------------------------------------------------------------- start
 def _start_block(X, s, likelihood, k, rng):
     """The rows that the initial SVD sees, dense: all of them, or a random
@@ -208,55 +215,51 @@ def start_rows(model, X, s, means=None, shrink=1.0) -> None:
     """
     n, p = X.shape
     chunk = max(1, INIT_ENTRIES // p)
+    projection = _Projection(model)
     for a in range(0, n, chunk):
         rows = np.arange(a, min(a + chunk, n))
         x, mask = dense_rows(X, rows)
         if not model.likelihood.observes_zeros:  # the zeros are not data here
             mask = ((x != 0) & (mask is None or mask > 0)).astype(np.float64)
         s_rows = None if s is None else s[rows]
-        weights = _working_weights(model)
-        values = _project(model, x, mask, s_rows, weights) if means is None else means[rows]
-        precision = _data_precision(model, mask, len(rows), weights)
+        values = projection.means(x, mask, s_rows) if means is None else means[rows]
+        precision = projection.precision(mask, len(rows))
         model.loadings.start_(shrink * values, precision, rows)
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().double().cpu().numpy()
+class _Projection:
+    """The model linearised at its intercept (see :mod:`spfa.initialization`), with
+    the fitted factors: what every chunk of new rows is projected with (made once).
 
+    ``w_j`` are the working weights, ``E[F]`` the factors' means, ``tau`` the
+    loadings' ridge precision, ``gram = E[F]^T W E[F] + diag(tau)``.
+    """
 
-def _working_weights(model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(w, mu0, slope)`` of the model linearised at its intercept (see initialization)."""
-    lik = model.likelihood
-    with torch.no_grad():
-        b = _numpy(model.intercept_mean())
-        mu0 = _numpy(lik.mean(model.intercept_mean()))
-    slope = lik.link.derivative(b)
-    return working_weights(lik, mu0, slope), mu0, slope
+    def __init__(self, model):
+        lik = model.likelihood
+        with torch.no_grad():
+            b = to_numpy(model.intercept_mean())
+            self.mu0 = to_numpy(lik.mean(model.intercept_mean()))
+            mf, vf = model.factors.moments()
+            self.mf, self.second = to_numpy(mf), to_numpy(mf**2 + vf)
+            tau = to_numpy(model.loadings.prior_precision())
+        self.slope = lik.link.derivative(b)
+        self.w = working_weights(lik, self.mu0, self.slope)
+        self.gram = (self.mf * self.w[:, None]).T @ self.mf + np.diag(tau)
 
+    def means(self, x, mask, s) -> np.ndarray:
+        """Ridge projection of the linearised rows ``x`` onto ``E[F]``: start of ``E[L]``."""
+        y = x if s is None else x / s[:, None]
+        z = (y - self.mu0) / self.slope
+        if mask is not None:
+            z = z * mask
+        return np.linalg.solve(self.gram, ((z * self.w) @ self.mf).T).T
 
-def _project(model, x, mask, s, weights) -> np.ndarray:
-    """Ridge projection of the linearised data onto ``E[F]``: start of ``E[L]``."""
-    w, mu0, slope = weights
-    with torch.no_grad():
-        mf = _numpy(model.factors.moments().mean)
-        tau = _numpy(model.loadings.prior_precision())
-    y = x if s is None else x / s[:, None]
-    z = (y - mu0) / slope
-    if mask is not None:
-        z = z * mask
-    gram = (mf * w[:, None]).T @ mf + np.diag(tau)
-    return np.linalg.solve(gram, ((z * w) @ mf).T).T
-
-
-def _data_precision(model, mask, n_rows: int, weights) -> np.ndarray:
-    """``sum_j w_j E[f_jk^2]`` over each row's observed features, ``(n_rows, k)``."""
-    w = weights[0]
-    with torch.no_grad():
-        mf, vf = model.factors.moments()
-        second = _numpy(mf**2 + vf)
-    if mask is None:
-        return np.tile(w @ second, (n_rows, 1))
-    return (mask * w) @ second
+    def precision(self, mask, n_rows: int) -> np.ndarray:
+        """``sum_j w_j E[f_jk^2]`` over each row's observed features, ``(n_rows, k)``."""
+        if mask is None:
+            return np.tile(self.w @ self.second, (n_rows, 1))
+        return (mask * self.w) @ self.second
 
 
 # -------------------------------------------------------------------- training
@@ -507,11 +510,11 @@ def fitted_attributes(model: SparseFactorModel) -> dict:
         out[f"{side}_mean_"] = post.mean
         with torch.no_grad():
             for key, value in family.prior_summary().items():
-                out[f"{side}_{key}_"] = _numpy(value)
+                out[f"{side}_{key}_"] = to_numpy(value)
     out["loadings_"] = out.pop("loadings_mean_")
     out["components_"] = out.pop("factors_mean_").T.copy()
     with torch.no_grad():
-        out["intercept_"] = _numpy(model.intercept_mean())
+        out["intercept_"] = to_numpy(model.intercept_mean())
         if model.intercept is not None:
             out["intercept_prior_mean_"] = float(model.intercept.prior_mean)
             out["intercept_prior_scale_"] = float(model.intercept.prior_scale)
@@ -565,7 +568,7 @@ def sample_data(model, s, n_draws: int, n_features: int, rng) -> np.ndarray:
     out = np.empty((n_draws, n, n_features))
     with torch.no_grad():
         for d in range(n_draws):
-            mean = _numpy(model.likelihood.mean(model.sample_eta(gen)))
+            mean = to_numpy(model.likelihood.mean(model.sample_eta(gen)))
             if s is not None:
                 mean = mean * s[:, None]
             out[d] = model.likelihood.sample(mean, data_rng)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._convert import to_numpy
 from .model import ELBOTerms, SparseFactorModel
 
 __all__ = ["Monitor"]
@@ -43,7 +44,7 @@ class Monitor:
         out = {}
         for side in ("loadings", "factors"):
             for key, value in getattr(self.model, side).prior_summary().items():
-                out[f"{side}_{key}"] = value.detach().cpu().double().numpy()
+                out[f"{side}_{key}"] = to_numpy(value)
         return out
 
     def __call__(self, first_step: int, terms: np.ndarray) -> None:

@@ -111,3 +111,19 @@ def test_normal_effect_moments():
     with torch.no_grad():
         ne.log_var.fill_(np.log(0.25))
     assert torch.allclose(ne.moments().var, torch.full((3,), 0.25))
+
+
+@pytest.mark.parametrize("z", [-1e4, -300.0, -40.0, -20.0001, -19.999, -5.0, 0.0, 0.5, 30.0])
+def test_truncated_normal_moments_against_mpmath(z):
+    """m = z + phi/Phi, v = 1 - r m, h = log Phi - z r / 2 of N(z, 1) truncated to (0, inf)."""
+    import mpmath as mp
+
+    from spfa.special import truncated_normal_moments
+
+    mp.mp.dps = 50
+    cdf, r = mp.ncdf(z), mp.npdf(z) / mp.ncdf(z)
+    m_ref, v_ref, h_ref = z + r, 1 - r * (z + r), mp.log(cdf) - z * r / 2
+    m, v, h = (float(t) for t in truncated_normal_moments(torch.tensor([z], dtype=torch.float64)))
+    assert m == pytest.approx(float(m_ref), rel=1e-7)
+    assert v == pytest.approx(float(v_ref), rel=1e-6)
+    assert h == pytest.approx(float(h_ref), rel=1e-9, abs=1e-9)

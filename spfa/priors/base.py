@@ -50,11 +50,6 @@ class Moments(NamedTuple):
     var: torch.Tensor
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A tensor as float64 numpy on the host (posterior summaries)."""
-    return t.detach().cpu().double().numpy()
-
-
 def as_tensor_like(values, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.asarray(values), dtype=like.dtype, device=like.device)
 

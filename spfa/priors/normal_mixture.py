@@ -20,24 +20,19 @@ between ``L`` and ``F``, so a fixed grid loses nothing).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from scipy import special
 
+from .._convert import to_numpy
 from ..posterior import Posterior, check_same_shape
-from .base import PriorFamily, as_tensor_like, to_numpy
+from ..special import normal_logpdf
+from .base import PriorFamily, as_tensor_like
 
 __all__ = ["NormalMixture", "NormalMixturePosterior", "GRID_MULTIPLIERS"]
 
 #: grid of prior standard deviations, relative to each factor's starting scale
 GRID_MULTIPLIERS = 2.0 ** np.arange(-6, 2)
-_LOG_2PI = math.log(2 * math.pi)
-
-
-def _normal_logpdf(x, mean, log_sd):
-    return -0.5 * ((x - mean) * torch.exp(-log_sd)) ** 2 - log_sd - 0.5 * _LOG_2PI
 
 
 class NormalMixture(PriorFamily):
@@ -104,14 +99,14 @@ class NormalMixture(PriorFamily):
         if prior:
             log_w = torch.log_softmax(self.prior_logits, -1).expand(value.shape + (-1,))
             log_sd = self.grid_log_sd.expand(value.shape + (-1,))
-            return log_w.gather(-1, z).squeeze(-1) + _normal_logpdf(
+            return log_w.gather(-1, z).squeeze(-1) + normal_logpdf(
                 value, 0.0, log_sd.gather(-1, z).squeeze(-1)
             )
         shape = value.shape + (self.n_values,)
         log_psi = torch.log_softmax(logits, -1).expand(shape).gather(-1, z).squeeze(-1)
         mean = mu.expand(shape).gather(-1, z).squeeze(-1)
         log_sd = -0.5 * log_prec.expand(shape).gather(-1, z).squeeze(-1)
-        return log_psi + _normal_logpdf(value, mean, log_sd)
+        return log_psi + normal_logpdf(value, mean, log_sd)
 
     @torch.no_grad()
     def start_prior_(self, values):
@@ -139,7 +134,7 @@ class NormalMixture(PriorFamily):
         informed = (precision > 0).expand(-1, -1, self.n_values)
         marginal_var = prior_var + 1.0 / torch.where(informed, precision, 1.0)
         log_w = torch.log_softmax(self.prior_logits, -1)
-        log_resp = log_w + _normal_logpdf(values, 0.0, 0.5 * torch.log(marginal_var))
+        log_resp = log_w + normal_logpdf(values, 0.0, 0.5 * torch.log(marginal_var))
         log_resp = torch.where(informed, log_resp, log_w.expand_as(log_resp))
         self.logits[index] = torch.log_softmax(log_resp, -1).reshape(b, -1)
 

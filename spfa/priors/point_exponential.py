@@ -16,9 +16,7 @@ with ``N+(mu, s^2)`` the normal truncated to ``theta > 0``. With ``z = mu / s``,
 
 so ``E[theta] >= 0`` exactly. ``mu / s << 0`` is common (an entry shrunk
 towards zero), where ``z + r(z)`` and ``1 - r m`` cancel catastrophically:
-they are computed in float64 from ``log_ndtr``, and by their asymptotic series
-(``1/t (1 - 2u + 10u^2 - ...)``, ``u = 1/t^2``, ``t = -z``)
-below ``z = -20``.
+they are computed in float64 (:func:`spfa.special.truncated_normal_moments`).
 """
 
 from __future__ import annotations
@@ -29,88 +27,15 @@ import numpy as np
 import torch
 from scipy import special
 
+from .._convert import to_numpy
 from ..posterior import Posterior, check_same_shape
-from .base import PointMassFamily, as_tensor_like, to_numpy
+from ..special import normal_logpdf, truncated_normal_draw, truncated_normal_moments
+from .base import PointMassFamily, as_tensor_like
 from .point_normal import PIP_START
 
-__all__ = ["PointExponential", "PointExponentialPosterior", "truncated_normal_moments"]
+__all__ = ["PointExponential", "PointExponentialPosterior"]
 
-_SERIES_BELOW = -20.0
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-_LOG_CDF_AT_SERIES = float(special.log_ndtr(_SERIES_BELOW))
-# asymptotic series of t m(-t) and of v(-t) in u = 1/t^2 (Mills ratio expansion)
-_M_SERIES = (1.0, -2.0, 10.0, -74.0, 706.0)
-_V_SERIES = (0.0, 1.0, -6.0, 50.0, -518.0, 6354.0)
-
-
-def _poly(u: torch.Tensor, coefs) -> torch.Tensor:
-    out = torch.zeros_like(u)
-    for c in reversed(coefs):
-        out = out * u + c
-    return out
-
-
-def truncated_normal_moments(
-    z: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Standardised moments of ``N(z, 1)`` truncated to ``(0, inf)``, in float64.
-
-    Parameters
-    ----------
-    z : Tensor of shape (...)
-        ``mu / s``.
-
-    Returns
-    -------
-    m : Tensor
-        ``E+[theta] / s = z + r(z)`` with ``r(z) = phi(z) / Phi(z)``.
-    v : Tensor
-        ``V+[theta] / s^2 = 1 - r(z) m(z)``.
-    h : Tensor
-        ``log Phi(z) - z r(z) / 2``: the entropy is ``log(sqrt(2 pi e) s) + h``.
-
-    Notes
-    -----
-    ``r`` comes from ``log_ndtr``, accurate for every ``z`` in float64. Below
-    ``z = -20`` (``t = -z``, ``u = 1/t^2``), ``m`` and ``v`` are the
-    asymptotic series of the Mills ratio (relative error below 1e-8 there),
-    and ``h = (log Phi(z) + t^2/2) + t m / 2``, which avoids the cancellation
-    of two terms of size ``t^2 / 2``. Every output is finite with finite
-    gradients for every finite ``z``.
-    """
-    dtype = z.dtype
-    z = z.double()
-    log_cdf = torch.special.log_ndtr(z)
-    series = z <= _SERIES_BELOW
-    zd = torch.clamp(z, min=_SERIES_BELOW)  # the direct branch sees z > -20 only
-    log_cdf_d = torch.where(series, torch.full_like(z, _LOG_CDF_AT_SERIES), log_cdf)
-    r = torch.exp(-0.5 * zd**2 - _HALF_LOG_2PI - log_cdf_d)
-    m_direct = zd + r
-    t = torch.clamp(-z, min=-_SERIES_BELOW)  # the series sees t >= 20 only
-    u = 1.0 / t**2
-    m_series = _poly(u, _M_SERIES) / t
-    m = torch.where(series, m_series, m_direct)
-    v = torch.where(series, _poly(u, _V_SERIES), 1.0 - r * m_direct)
-    h = torch.where(series, log_cdf + 0.5 * t**2 + 0.5 * t * m_series, log_cdf - 0.5 * zd * r)
-    return m.to(dtype), v.to(dtype), h.to(dtype)
-
-
-def truncated_normal_draw(loc: torch.Tensor, scale: torch.Tensor, uniform: torch.Tensor):
-    """Draws of ``N+(loc, scale^2)`` by inversion of the upper tail (float64 inside).
-
-    ``theta = loc - scale Phi^{-1}(U Phi(z))``; far in the tail (``z < -30``),
-    where ``Phi(z)`` underflows, the truncated normal is the exponential with
-    rate ``-z / scale`` to relative order ``1/z^2``.
-    """
-    dtype = loc.dtype
-    loc, scale, uniform = loc.double(), scale.double(), uniform.double()
-    z = loc / scale
-    tail = z < -30.0
-    log_p = torch.log(uniform) + torch.special.log_ndtr(torch.clamp(z, min=-30.0))
-    direct = loc - scale * torch.special.ndtri(torch.exp(log_p))
-    expo = -scale * torch.log(uniform) / torch.clamp(-z, min=30.0)
-    return torch.clamp(torch.where(tail, expo, direct), min=0.0).to(dtype)
 
 
 class PointExponential(PointMassFamily):
@@ -164,9 +89,8 @@ class PointExponential(PointMassFamily):
         if prior:
             slab = self.prior_log_rate - torch.exp(self.prior_log_rate) * value
             return self._spike_log_density(latent["on"], slab, self.prior_logit)
-        s = torch.exp(-0.5 * log_prec)
-        log_normal = -0.5 * ((value - mu) / s) ** 2 - _HALF_LOG_2PI - torch.log(s)
-        slab = log_normal - torch.special.log_ndtr(mu / s)
+        log_sd = -0.5 * log_prec
+        slab = normal_logpdf(value, mu, log_sd) - torch.special.log_ndtr(mu * torch.exp(-log_sd))
         return self._spike_log_density(latent["on"], slab, logits)
 
     @torch.no_grad()

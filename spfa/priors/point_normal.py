@@ -19,21 +19,20 @@ written from logits so that it is finite for every parameter value (no
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import special
 
+from .._convert import to_numpy
 from ..posterior import Posterior, check_same_shape
-from .base import PointMassFamily, as_tensor_like, to_numpy
+from ..special import normal_logpdf
+from .base import PointMassFamily, as_tensor_like
 
 __all__ = ["PointNormal", "PointNormalPosterior", "point_normal_kl", "PIP_START"]
 
 #: starting posterior inclusion probability (and prior pi) of every entry
 PIP_START = 0.9
-_LOG_2PI = math.log(2 * math.pi)
 
 
 def point_normal_kl(
@@ -66,10 +65,6 @@ def point_normal_kl(
         0.5 * alpha * (log_prec - prior_log_prec - 1.0 + tau * (mean**2 + torch.exp(-log_prec)))
     )
     return kl_spike + kl_slab
-
-
-def _normal_logpdf(x, mean, log_prec):
-    return 0.5 * (log_prec - _LOG_2PI - torch.exp(log_prec) * (x - mean) ** 2)
 
 
 class PointNormal(PointMassFamily):
@@ -108,7 +103,7 @@ class PointNormal(PointMassFamily):
     def _log_density(self, latent, prior, logits, mean, log_prec):
         if prior:
             logits, mean, log_prec = self.prior_logit, torch.zeros(()), self.prior_log_prec
-        slab = _normal_logpdf(latent["value"], mean, log_prec)
+        slab = normal_logpdf(latent["value"], mean, -0.5 * log_prec)
         return self._spike_log_density(latent["on"], slab, logits)
 
     @torch.no_grad()

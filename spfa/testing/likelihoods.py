@@ -21,6 +21,7 @@ import io
 import numpy as np
 import torch
 
+from .._convert import to_numpy
 from ..expectation import GaussHermite, MonteCarlo
 from ..likelihoods import Likelihood, get_likelihood
 
@@ -58,10 +59,6 @@ def _fail(lik: Likelihood, check: str, message: str, where=None):
 
 def _tensor(a) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=_F64)
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().double().numpy()
 
 
 def check_likelihood(likelihood: str | Likelihood, link="softplus", seed: int = 0) -> None:
@@ -163,7 +160,7 @@ def _support(lik: Likelihood, eta, log_s):
             k *= 2
     with torch.no_grad():
         mu = lik.mean(eta, log_s)
-    sd = torch.as_tensor(np.sqrt(lik.variance_function(_numpy(mu))), dtype=_F64)
+    sd = torch.as_tensor(np.sqrt(lik.variance_function(to_numpy(mu))), dtype=_F64)
     if not bool(torch.all(torch.isfinite(sd) & (sd > 0))):
         _fail(lik, "normalisation", "variance_function(mean) is not finite and positive")
     z = torch.linspace(-40.0, 40.0, 16001, dtype=_F64).view(-1, 1, 1)
@@ -188,19 +185,19 @@ def _check_normalised(lik: Likelihood, eta, log_s):
             lik,
             "normalisation",
             "exp(log_prob) does not sum (integrate) to 1 over the support",
-            f"eta:\n{_numpy(eta)}\ntotal:\n{_numpy(total)}",
+            f"eta:\n{to_numpy(eta)}\ntotal:\n{to_numpy(total)}",
         )
     mean = (x * prob).sum(0)
     var = ((x - mean) ** 2 * prob).sum(0)
     m4 = ((x - mean) ** 4 * prob).sum(0)
-    return _numpy(mean), _numpy(var), _numpy(m4)
+    return to_numpy(mean), to_numpy(var), to_numpy(m4)
 
 
 def _check_sample(lik: Likelihood, eta, log_s, moments, rng) -> torch.Tensor:
     """(c); returns one draw ``[n, p]``, the data of the other checks."""
     mean, var, m4 = moments
     with torch.no_grad():
-        model_mean = _numpy(lik.mean(eta, log_s))
+        model_mean = to_numpy(lik.mean(eta, log_s))
     if lik.observes_zeros:
         off = np.abs(model_mean - mean) > 1e-8 * np.abs(mean) + 1e-12
         if off.any():
@@ -258,8 +255,8 @@ def _check_expectation(lik: Likelihood, x, eta, log_s, gen) -> None:
                     "expected_log_prob",
                     f"expected_log_prob with {rule_name} differs from the Monte Carlo "
                     "average of log_prob",
-                    f"got:\n{_numpy(got)}\nMonte Carlo:\n{_numpy(reference)}\n"
-                    f"standard error:\n{_numpy(se)}",
+                    f"got:\n{to_numpy(got)}\nMonte Carlo:\n{to_numpy(reference)}\n"
+                    f"standard error:\n{to_numpy(se)}",
                 )
 
 
@@ -297,7 +294,7 @@ def _check_layouts(lik: Likelihood, x, eta, log_s) -> None:
                 lik,
                 "layouts",
                 f"log_prob at {label} differs from log_prob on the grid",
-                f"got:\n{_numpy(got)}\ngrid:\n{_numpy(want)}",
+                f"got:\n{to_numpy(got)}\ngrid:\n{to_numpy(want)}",
             )
 
 
