@@ -115,7 +115,7 @@ def initialize(
     # a free noise variance is not known before the low-rank fit: unweighted SVD
     w = working_weights(likelihood, mu0, slope) if likelihood.variance_from_mean else np.ones(p)
 
-    z = obs * (y - mu0) / slope
+    z = obs * _working_response(link, y, mu0, eta0, slope)
     k = n_components
     if start is not None:
         l0, f0 = (np.asarray(a, dtype=float) for a in start)
@@ -138,7 +138,7 @@ def initialize(
             l0, f0 = _nonnegative_signs(l0, f0, nonnegative)
 
     # residual variance on the data scale, for the Gaussian noise and NB dispersion
-    resid = obs * (z - l0 @ f0.T) * slope
+    resid = obs * ((y - mu0) - (l0 @ f0.T) * slope)
     feature_var = (resid**2).sum(0) / n_obs
     likelihood.initialize(feature_mean, feature_var)
     if not likelihood.variance_from_mean:
@@ -161,6 +161,22 @@ def initialize(
         factors_precision=w[:, None] * (obs.T @ (l0**2)),
         intercept=intercept,
     )
+
+
+def _working_response(link, y, mu0, eta0, slope):
+    """The linearised deviation ``(y - mu0) / h'(eta0)`` of ``eta`` from ``eta0``,
+    never beyond the exact one ``h^{-1}(y) - eta0`` where the data lie above the
+    start's mean. For a convex link (exp, softplus) the tangent overshoots there: a
+    rare feature's single count of 5 at a mean of 1e-3 is a deviation of 5000 on
+    the tangent, but of log 5000 = 8.5 under the exp link."""
+    z = (y - mu0) / slope
+    above = y > mu0
+    try:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            exact = link.inverse(np.where(above, y, mu0)) - eta0
+    except ValueError:  # data outside a bounded link's range: the tangent alone
+        return z
+    return np.where(above & np.isfinite(exact), np.minimum(z, exact), z)
 
 
 def working_weights(likelihood: Likelihood, mu0: np.ndarray, slope: np.ndarray) -> np.ndarray:

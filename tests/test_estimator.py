@@ -516,8 +516,9 @@ def test_counts_as_users_have_them(counts):
 
 
 def _steep_counts():
-    """Counts whose linearised exp-link start overflows: rare features, each with one
-    large count (as mitochondrial or ribosomal outliers in 10x data)."""
+    """Rare features, each with one large count (as mitochondrial or ribosomal
+    outliers in 10x data): on the tangent of the exp link at the feature's mean,
+    a count of 100 at a mean of 0.5 / 200 is a deviation of 4e4 in eta."""
     rng = np.random.default_rng(0)
     x = rng.poisson(0.5, size=(200, 30)).astype(float)
     x[:, 25:] = 0.0
@@ -525,19 +526,41 @@ def _steep_counts():
     return x
 
 
-def test_exp_link_recovers_from_an_overflowing_start():
-    from spfa import fitting
-
-    x = _steep_counts()
-    est = SparseFactorAnalysis(3, link="exp", max_iter=300, random_state=0, device="cpu")
-    model = fitting.new_model(*x.shape, est._make_likelihood(), est._settings())
+def _start_elbo(est, x, start=None):
     from sklearn.utils import check_random_state
 
-    init, sub = fitting.compute_start(model, x, None, est._settings(), check_random_state(0))
-    fitting.apply_start(model, init, sub, x, None, est._settings())
-    data = est._settings().batches(x, None, model.likelihood, seed=0)
-    assert not np.isfinite(fitting.paired_elbo(data, model, est._settings())())
-    est = fit_quiet(est, x)
+    from spfa import fitting
+
+    settings = est._settings()
+    model = fitting.new_model(*x.shape, est._make_likelihood(), settings)
+    init, sub = fitting.compute_start(model, x, None, settings, check_random_state(0), start)
+    fitting.apply_start(model, init, sub, x, None, settings, start)
+    data = settings.batches(x, None, model.likelihood, seed=0)
+    return fitting.paired_elbo(data, model, settings)(), model
+
+
+def test_exp_link_start_stays_within_the_data_range():
+    """The working response is capped at the exact link-scale deviation, so the
+    start's eta stays near log of the largest count, not 4e4."""
+    x = _steep_counts()
+    est = SparseFactorAnalysis(3, link="exp", random_state=0, device="cpu")
+    elbo, model = _start_elbo(est, x)
+    assert np.isfinite(elbo)
+    mean, _ = model.eta_moments()
+    assert mean.max().item() < np.log(x.max()) + 2.0
+
+
+def _overflowing_start(x):
+    rng = np.random.default_rng(1)
+    return 10.0 * rng.normal(size=(x.shape[0], 3)), 10.0 * rng.normal(size=(x.shape[1], 3))
+
+
+def test_exp_link_recovers_from_an_overflowing_start():
+    x = _steep_counts()
+    start = _overflowing_start(x)
+    est = SparseFactorAnalysis(3, link="exp", max_iter=300, random_state=0, device="cpu")
+    assert not np.isfinite(_start_elbo(est, x, start)[0])
+    est = fit_quiet(est, x, init_loadings=start[0], init_factors=start[1])
     assert np.isfinite(est.elbo_) and np.all(np.isfinite(est.components_))
     assert np.isfinite(est.score(x))
 
@@ -546,9 +569,11 @@ def test_a_start_that_cannot_be_made_finite_is_an_error(monkeypatch):
     from spfa import fitting
 
     monkeypatch.setattr(fitting, "START_SHRINK_LIMIT", 1.0)
+    x = _steep_counts()
+    start = _overflowing_start(x)
     est = SparseFactorAnalysis(3, link="exp", max_iter=50, random_state=0, device="cpu")
     with pytest.raises(RuntimeError, match="not finite at the start.*'exp' link"):
-        est.fit(_steep_counts())
+        est.fit(x, init_loadings=start[0], init_factors=start[1])
 
 
 def test_size_factors_are_not_dropped_silently_in_model_selection(counts):

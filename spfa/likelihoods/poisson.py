@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from ..links import Exp
 from .base import Likelihood
 
 __all__ = ["Poisson"]
@@ -16,7 +17,8 @@ class Poisson(Likelihood):
 
     ``log p = x log mu - mu - lgamma(x + 1)``, with ``log mu`` evaluated
     stably by the link (no ``log(softplus)`` underflow), and
-    ``log(-log p(0)) = log mu``.
+    ``log(-log p(0)) = log mu``. Under the exp link ``E_q[log p]`` is exact
+    (the lognormal mean), so the ELBO has no Monte Carlo noise.
 
     Parameters
     ----------
@@ -31,6 +33,18 @@ class Poisson(Likelihood):
     def log_prob(self, x, eta, log_s, rows=None, cols=None):
         log_mu = self.log_mean(eta, log_s)
         return x * log_mu - torch.exp(log_mu) - torch.lgamma(x + 1.0)
+
+    def expected_log_prob(
+        self, x, eta_mean, eta_var, log_s, expectation, generator=None, rows=None, cols=None
+    ):
+        """Closed form under the exp link, ``x (m + log s) - s exp(m + v/2) - lgamma(x + 1)``
+        (the rule ``expectation`` is then not used); the rule otherwise."""
+        if not isinstance(self.link, Exp):
+            return super().expected_log_prob(
+                x, eta_mean, eta_var, log_s, expectation, generator, rows, cols
+            )
+        log_mu = eta_mean if log_s is None else eta_mean + log_s
+        return x * log_mu - torch.exp(log_mu + 0.5 * eta_var) - torch.lgamma(x + 1.0)
 
     def log_neg_log_prob_zero(self, eta, log_s, rows=None, cols=None):
         return self.log_mean(eta, log_s)
