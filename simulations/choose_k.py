@@ -27,7 +27,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from spfa import SparseFactorAnalysis, choose_k
 from spfa.heldout import heldout_score
-from spfa.simulate import simulate
+from spfa.simulate import MATCHED_FIT, simulate
 
 logger = logging.getLogger("simulations.choose_k")
 
@@ -43,7 +43,7 @@ def simulated(args) -> list:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                est = SparseFactorAnalysis(k, random_state=0, device="cpu")
+                est = SparseFactorAnalysis(k, random_state=0, device="cpu", **MATCHED_FIT)
                 score, fitted = heldout_score(est, sim.x, method=method, fraction=args.fraction)
             sec = time.perf_counter() - t0
             rows.append((method, k, score, fitted.n_effective_components_))

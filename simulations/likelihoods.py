@@ -40,7 +40,7 @@ from sklearn.exceptions import ConvergenceWarning
 from spfa import SparseFactorAnalysis
 from spfa.evaluation import match_factors, relative_error
 from spfa.likelihoods import get_likelihood
-from spfa.simulate import simulate
+from spfa.simulate import MATCHED_FIT, simulate
 
 N, P = 300, 500
 PI0 = (0.5, 0.8, 0.9)
@@ -139,7 +139,9 @@ def nuisance(est, n) -> str:
 
 
 def fit_one(sim, likelihood, options, seed):
-    est = SparseFactorAnalysis(3, likelihood=likelihood, random_state=seed, device="cpu", **options)
+    est = SparseFactorAnalysis(
+        3, likelihood=likelihood, random_state=seed, device="cpu", **{**MATCHED_FIT, **options}
+    )
     # the zero-truncated fits get a sparse matrix: only its non-zeros are used
     x = sp.csr_matrix(sim.x) if likelihood.startswith("zt_") else sim.x
     t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from sklearn.decomposition import NMF, PCA, FactorAnalysis, TruncatedSVD
 from sklearn.exceptions import ConvergenceWarning
 
 from spfa import SparseFactorAnalysis
+from spfa.simulate import MATCHED_FIT
 
 
 class NotApplicable(Exception):
@@ -82,6 +83,7 @@ def _scale(size_factors, n):
 
 
 def fit_spfa(x, k, likelihood, size_factors=None, seed=0, log_dir=None, init=None, **kw):
+    kw = {**MATCHED_FIT, **kw}  # the simulators' model, unless told otherwise
     est = SparseFactorAnalysis(k, likelihood=likelihood, random_state=seed, log_dir=log_dir, **kw)
     start = {} if init is None else dict(init_loadings=init[0], init_factors=init[1])
     with warnings.catch_warnings():

@@ -28,7 +28,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from spfa import PRIORS, SparseFactorAnalysis
 from spfa.evaluation import match_factors, relative_error
-from spfa.simulate import simulate_parts
+from spfa.simulate import MATCHED_FIT, simulate_parts
 
 logger = logging.getLogger("simulations.priors")
 K = 4
@@ -76,7 +76,9 @@ def run(seed: int) -> list[dict]:
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            est = SparseFactorAnalysis(K, prior=prior, random_state=seed, device="cpu")
+            est = SparseFactorAnalysis(
+                K, prior=prior, random_state=seed, device="cpu", **MATCHED_FIT
+            )
             est.fit(sim.x)
         seconds = time.perf_counter() - start
         mean = est.inverse_transform(est.loadings_)

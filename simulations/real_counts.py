@@ -12,11 +12,13 @@ same mean, so a method that recovers the mean of ``x_train`` scores best.
 
 Methods (``--methods``):
 
-* ``spfa``: ``SparseFactorAnalysis(n_components=k, random_state=seed)`` with its
-  defaults (Poisson, softplus link, point-normal priors) and size factors
-  ``s`` = library size of ``x_train`` over its mean; fitted mean
-  ``inverse_transform(loadings_) * s``. Variants: ``--spfa-variants
-  likelihood:link ...`` and ``--priors prior ...``, each otherwise at defaults;
+* ``spfa``: ``SparseFactorAnalysis(n_components=k, random_state=seed)`` with all
+  its defaults (Poisson, exp link, point-normal priors, size factors from library
+  sizes: ``s`` = library size of ``x_train`` over its mean); fitted mean
+  ``inverse_transform(loadings_) * training_size_factors_``. Variants:
+  ``--spfa-variants key=value[,key=value...]`` (estimator parameters, e.g.
+  ``link=softplus`` or ``likelihood=negative_binomial,link=softplus`` or
+  ``library_size=False``) and ``--priors prior ...``, each otherwise at defaults;
 * ``glmpca`` (Poisson, log link, ``s`` as offsets), ``nmf_kl`` (NMF with the KL
   loss, mean ``W H``) and ``mofa+`` (Poisson likelihood on the counts, no size
   factors): ``simulations/peers.py``;
@@ -34,7 +36,7 @@ Fit seconds for every method. Writes ``<out>/real_counts.json`` and
 
     python -m simulations.real_counts [--datasets pbmc68k_reduced celltypist_sample]
         [--k 10] [--n-genes 2000] [--seed 0] [--methods spfa glmpca nmf_kl mofa+ null]
-        [--spfa-variants poisson:exp negative_binomial:softplus]
+        [--spfa-variants link=softplus likelihood=negative_binomial]
         [--priors point_exponential normal_mixture] [--max-iter N] [--out runs/real_counts]
 """
 
@@ -95,27 +97,44 @@ def factor_summaries(est, abundant: np.ndarray) -> dict:
     }
 
 
-def fit_spfa(x, s, k, seed, max_iter, **kw):
-    """spfa on ``x`` with size factors ``s``: (fitted mean of the rows, estimator, seconds)."""
+def fit_spfa(x, k, seed, max_iter, **kw):
+    """spfa on ``x`` (its own size factors): (fitted mean of the rows, estimator, seconds)."""
     if max_iter is not None:
         kw["max_iter"] = max_iter
     est = SparseFactorAnalysis(n_components=k, random_state=seed, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         start = time.perf_counter()
-        est.fit(x, size_factors=s)
+        est.fit(x)
         seconds = time.perf_counter() - start
-    return est.inverse_transform(est.loadings_) * s[:, None], est, seconds
+    s = est.training_size_factors_
+    mean = est.inverse_transform(est.loadings_)
+    return mean if s is None else mean * s[:, None], est, seconds
+
+
+def parse_variant(text: str) -> dict:
+    """``"likelihood=negative_binomial,library_size=False"`` -> keyword arguments."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"spfa variant {text!r}: expected key=value[,key=value...]")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            out[key] = lowered == "true"
+        else:
+            try:
+                out[key] = float(value) if "." in value or "e" in lowered else int(value)
+            except ValueError:
+                out[key] = value
+    return out
 
 
 def spfa_methods(args) -> dict[str, dict]:
     """name -> keyword arguments of SparseFactorAnalysis for each spfa fit asked for."""
     out = {"spfa": {}} if "spfa" in args.methods else {}
     for variant in args.spfa_variants:
-        likelihood, _, link = variant.partition(":")
-        out[f"spfa {likelihood}:{link or 'softplus'}"] = dict(
-            likelihood=likelihood, link=link or "softplus"
-        )
+        out[f"spfa {variant}"] = parse_variant(variant)
     for prior in args.priors:
         out[f"spfa prior={prior}"] = dict(prior=prior)
     return out
@@ -188,7 +207,7 @@ def run_dataset(name: str, args) -> tuple[dict, list[dict]]:
 
     def spfa_fit(kw):
         def fn():
-            mean, est, seconds = fit_spfa(x_train, s, k, seed, args.max_iter, **kw)
+            mean, est, seconds = fit_spfa(x_train, k, seed, args.max_iter, **kw)
             return mean, factor_summaries(est, abundant), seconds, ""
 
         return fn
@@ -269,8 +288,8 @@ def main(argv=None):
         "--spfa-variants",
         nargs="*",
         default=[],
-        metavar="LIKELIHOOD:LINK",
-        help="extra spfa fits, e.g. poisson:exp negative_binomial:softplus",
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="extra spfa fits, e.g. link=softplus likelihood=negative_binomial,link=softplus",
     )
     parser.add_argument(
         "--priors", nargs="*", default=[], choices=list(PRIORS), help="extra spfa fits"

@@ -95,7 +95,7 @@ def one(n, p, k, batch_size, max_iter, device, seed) -> dict:
     from sklearn.exceptions import ConvergenceWarning
 
     from spfa import SparseFactorAnalysis
-    from spfa.simulate import simulate_sparse_counts
+    from spfa.simulate import MATCHED_FIT, simulate_sparse_counts
 
     t0 = time.perf_counter()
     sim = simulate_sparse_counts(n, p, k, seed=seed)
@@ -104,7 +104,7 @@ def one(n, p, k, batch_size, max_iter, device, seed) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     est = SparseFactorAnalysis(
-        k, batch_size=batch_size, max_iter=max_iter, random_state=0, device=device
+        k, batch_size=batch_size, max_iter=max_iter, random_state=0, device=device, **MATCHED_FIT
     )
     # time each window of the stopping rule (whole passes) through the monitor hook
     import spfa.fitting as fitting_module

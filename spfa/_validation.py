@@ -202,6 +202,58 @@ def check_size_factors(size_factors, n_samples: int, likelihood=None) -> np.ndar
     return s
 
 
+#: a row with no counts gets the size factor of half a count (log s stays finite)
+EMPTY_ROW_COUNT = 0.5
+
+
+def library_sizes(X) -> np.ndarray:
+    """Row totals of ``X`` (validated: dense with NaN, or CSR), ``(n,)``; a row with
+    missing entries is scaled up by ``p / observed`` (its total at the observed rate)."""
+    n, p = X.shape
+    if sp.issparse(X):
+        missing = np.isnan(X.data)
+        rows = np.repeat(np.arange(n), np.diff(X.indptr))
+        total = np.bincount(rows, weights=np.where(missing, 0.0, X.data), minlength=n)
+        n_missing = np.bincount(rows[missing], minlength=n)
+    else:
+        total, n_missing = np.nansum(X, axis=1), np.isnan(X).sum(axis=1)
+    observed = p - n_missing
+    return np.where(observed > 0, total * p / np.maximum(observed, 1), 0.0)
+
+
+def library_size_factors(X, reference: float | None = None) -> tuple[np.ndarray, float]:
+    """Size factors from library sizes: ``s_i = max(library_i, 1/2) / reference``.
+
+    Parameters
+    ----------
+    X : ndarray or csr_matrix of shape (n, p)
+        Validated counts.
+    reference : float, optional
+        The training rows' mean library size, so that new rows' factors are on the
+        training scale; None: the mean library size of ``X``.
+
+    Returns
+    -------
+    s : ndarray of shape (n,)
+    reference : float
+    """
+    lib = library_sizes(X)
+    if reference is None:
+        reference = float(lib.mean())
+        if not reference > 0:
+            raise ValueError("every row of X is empty, so library sizes cannot scale the mean")
+    return np.maximum(lib, EMPTY_ROW_COUNT) / reference, reference
+
+
+def default_size_factors(X, s, likelihood, library_size: bool, reference=None):
+    """The size factors a fit or new rows use: ``s`` when given; library sizes
+    (against ``reference``) when the estimator computes them for a count likelihood;
+    otherwise None. Returns ``(s, reference or None)``."""
+    if s is not None or not library_size or not likelihood.positive_mean:
+        return s, None
+    return library_size_factors(X, reference)
+
+
 def resolve_device(device) -> torch.device:
     """``"auto"`` picks CUDA when available; an unavailable device is an error."""
     if device is None or (isinstance(device, str) and device == "auto"):
@@ -217,17 +269,18 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
-def warn_missing_size_factors(training, given) -> None:
+def warn_missing_size_factors(training, given, from_library=False) -> None:
     """A :class:`SizeFactorsWarning` when new rows come without size factors to a fit
-    that had them (e.g. scored inside ``GridSearchCV``, which drops them unless
-    metadata routing is enabled)."""
-    if given is None and training is not None:
+    that was given them (e.g. scored inside ``GridSearchCV``, which drops them unless
+    metadata routing is enabled); a fit whose factors came from library sizes
+    (``from_library``) computes those of new rows the same way."""
+    if given is None and training is not None and not from_library:
         warnings.warn(
             "the fit had size_factors but these rows have none, so they get size factor "
             "1: pass size_factors= (inside GridSearchCV or cross_val_score, enable "
             "sklearn.set_config(enable_metadata_routing=True) and request them)",
             SizeFactorsWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
 
@@ -238,7 +291,13 @@ def clear_fitted(estimator) -> None:
 
 
 def check_start(init_loadings, init_factors, n: int, p: int, k: int):
-    """``(L0, F0)`` as float64 ``(n, k)`` and ``(p, k)`` arrays, or None if neither is given."""
+    """``(L0, F0)`` as float64 ``(n, k)`` and ``(p, k)`` arrays, or None if neither is given;
+    ValueError if ``k`` exceeds ``min(n, p)``."""
+    if k > min(n, p):
+        raise ValueError(
+            f"n_components={k} is larger than the data allow: "
+            f"min(n_samples, n_features) = {min(n, p)}"
+        )
     if init_loadings is None and init_factors is None:
         return None
     if init_loadings is None or init_factors is None:

@@ -20,6 +20,7 @@ from ._validation import (
     check_size_factors,
     check_start,
     clear_fitted,
+    default_size_factors,
     resolve_device,
     warn_missing_size_factors,
 )
@@ -52,8 +53,9 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         shrinkage: a scale mixture of normals, no exact zeros).
     likelihood : str or Likelihood, default="poisson"
         A name in :data:`spfa.likelihoods.LIKELIHOODS` or an instance.
-    link : {"softplus", "exp", "sigmoid"} or Link, default="softplus"
+    link : {"exp", "softplus", "sigmoid"} or Link, default="exp"
         Link ``h`` of the count likelihoods; the Gaussian uses the identity.
+        Under ``"exp"`` the Poisson ELBO is exact (no Monte Carlo noise).
     expectation : {"mc", "quadrature"}, default="mc"
         ``E_q[log p(x | eta)]`` by Monte Carlo draws (local
         reparameterisation) or Gauss--Hermite quadrature (:mod:`spfa.expectation`).
@@ -70,6 +72,10 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         input stays compressed on the device.
     fit_intercept : bool, default=True
         Per-feature intercept ``b`` with a learned normal prior.
+    library_size : bool, default=True
+        Count likelihoods: rows given no ``size_factors`` get their library size
+        (row total) over the training rows' mean (half a count for an empty row);
+        False: size factor 1.
     device : {"auto", "cpu", "cuda", ...} or torch.device, default="auto"
         An unavailable device is a ``ValueError`` (no silent fallback).
     random_state : int, RandomState or None, default=None
@@ -102,6 +108,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     noise_variance_, dispersion_, inverse_dispersion_, zero_inflation_, ... :
         The likelihood's fitted nuisance parameters.
     training_size_factors_ : ndarray of shape (n_samples,) or None
+    library_size_mean_ : float or None
+        The training rows' mean library size when their size factors came from it.
     state_dict_ : dict of Tensor
         The fitted torch module's state (:meth:`get_model` rebuilds it).
     elbo_, n_iter_ : float, int
@@ -129,7 +137,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         *,
         prior="point_normal",
         likelihood="poisson",
-        link="softplus",
+        link="exp",
         expectation="mc",
         n_mc_samples=1,
         n_quadrature_nodes=8,
@@ -138,6 +146,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         learning_rate=0.05,
         batch_size=None,
         fit_intercept=True,
+        library_size=True,
         device="auto",
         random_state=None,
         log_dir=None,
@@ -155,6 +164,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         self.learning_rate = learning_rate
         self.batch_size = batch_size
         self.fit_intercept = fit_intercept
+        self.library_size = library_size
         self.device = device
         self.random_state = random_state
         self.log_dir = log_dir
@@ -185,9 +195,16 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         )
 
     def _data(self, X, size_factors, *, reset, likelihood):
-        """Validated ``X`` (dense with NaN, or CSR: never densified) and size factors."""
+        """Validated ``X`` (dense with NaN, or CSR: never densified) and size factors:
+        given, or from library sizes (a fit's own, new rows' on the training scale)."""
         X = check_data(self, X, reset=reset, likelihood=likelihood)
-        return X, check_size_factors(size_factors, X.shape[0], likelihood)
+        s = check_size_factors(size_factors, X.shape[0], likelihood)
+        if reset:
+            s, self.library_size_mean_ = default_size_factors(X, s, likelihood, self.library_size)
+            return X, s
+        mean = getattr(self, "library_size_mean_", None)  # None in files saved before it
+        warn_missing_size_factors(self.training_size_factors_, s, mean is not None)
+        return X, default_size_factors(X, s, likelihood, mean is not None, mean)[0]
 
     # -------------------------------------------------------------------- fit
     def fit(self, X, y=None, *, size_factors=None, init_loadings=None, init_factors=None):
@@ -199,7 +216,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             Data; NaN marks a missing entry. Counts for the count likelihoods.
         y : Ignored
         size_factors : array-like of shape (n_samples,), default=None
-            Positive per-sample scale of the mean (count likelihoods); None means 1.
+            Positive per-sample scale of the mean (count likelihoods); None: library
+            sizes (``library_size=True``) or 1.
         init_loadings, init_factors : array-like of shape (n_samples | n_features, n_components)
             Starting posterior means of ``L`` and ``F`` in place of spfa's own
             (a weighted SVD); give both or neither.
@@ -212,30 +230,13 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         likelihood = self._make_likelihood()
         clear_fitted(self)  # a refit (e.g. with another prior) leaves nothing stale
         X, s = self._data(X, size_factors, reset=True, likelihood=likelihood)
-        n, p = X.shape
-        k = settings.n_components
-        if k > min(n, p):
-            raise ValueError(
-                f"n_components={k} is larger than the data allow: "
-                f"min(n_samples, n_features) = {min(n, p)}"
-            )
-        start = check_start(init_loadings, init_factors, n, p, k)
+        start = check_start(init_loadings, init_factors, *X.shape, settings.n_components)
         self.device_ = settings.device
         rng = check_random_state(self.random_state)
         fit = fitting.fit_model(X, s, likelihood, settings, rng, start)
-        self.state_dict_ = {k: v.detach().cpu().clone() for k, v in fit.model.state_dict().items()}
-        for name, value in fitting.fitted_attributes(fit.model).items():
+        for name, value in fitting.fit_attributes(fit, X).items():
             setattr(self, name, value)
-        self.elbo_contribution_ = fit.contribution
         self.training_size_factors_ = s
-        self.n_iter_ = fit.result.n_iter
-        self.history_ = {**fit.result.history, **fit.prior_history}
-        if not likelihood.positive_mean:
-            self.explained_variance_ratio_ = fitting.explained_variance_ratio(
-                X, self.loadings_, self.components_
-            )
-        elbo = fit.result.history["elbo"]
-        self.elbo_ = float(np.mean(elbo[-50:])) if elbo else float("nan")
         self._n_features_out = self.n_components
         if not fit.result.converged and not fit.result.message:
             warnings.warn(
@@ -261,7 +262,6 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     # -------------------------------------------------------------- new rows
     def _fit_rows(self, X, size_factors):
         check_is_fitted(self)
-        warn_missing_size_factors(self.training_size_factors_, size_factors)
         likelihood = self._make_likelihood()
         X, s = self._data(X, size_factors, reset=False, likelihood=likelihood)
         settings = self._settings(self.device_)

@@ -524,6 +524,24 @@ def fitted_attributes(model: SparseFactorModel) -> dict:
     return out
 
 
+def fit_attributes(fit: Fit, X) -> dict:
+    """Every fitted ``*_`` attribute of a :class:`Fit` of ``X``: the model's
+    (:func:`fitted_attributes`), its state, the training record and, for a
+    likelihood without a positive mean (Gaussian), ``explained_variance_ratio_``."""
+    out = fitted_attributes(fit.model)
+    out["state_dict_"] = {k: v.detach().cpu().clone() for k, v in fit.model.state_dict().items()}
+    out["elbo_contribution_"] = fit.contribution
+    out["n_iter_"] = fit.result.n_iter
+    out["history_"] = {**fit.result.history, **fit.prior_history}
+    if not fit.model.likelihood.positive_mean:
+        out["explained_variance_ratio_"] = explained_variance_ratio(
+            X, out["loadings_"], out["components_"]
+        )
+    elbo = fit.result.history["elbo"]
+    out["elbo_"] = float(np.mean(elbo[-50:])) if elbo else float("nan")
+    return out
+
+
 def explained_variance_ratio(X, loadings: np.ndarray, components: np.ndarray) -> np.ndarray:
     """Gaussian: share of the observed variance of each feature-centred factor term.
 

@@ -134,7 +134,7 @@ def heldout_log_likelihood(
         Which entries to score; None scores every non-NaN entry.
     size_factors : array-like of shape (n_samples,), default=None
         Size factors of ``X`` (for thinned counts, the training ones times
-        ``fraction / (1 - fraction)``).
+        ``fraction / (1 - fraction)``); None: the fit's training size factors.
     n_draws : int, default=100
         Joint draws of ``L, F, b`` from ``q``.
     random_state : int, default=0
@@ -165,6 +165,8 @@ def heldout_log_likelihood(
         if entries.shape != X.shape:
             raise ValueError(f"entries must have shape {X.shape}, got {entries.shape}")
     s = check_size_factors(size_factors, n, model.likelihood)
+    if s is None:  # the rows are the training rows
+        s = estimator.training_size_factors_
     device = estimator.device_
 
     def generator(seed: int) -> torch.Generator:
@@ -273,7 +275,8 @@ def heldout_score(
     else:
         x_train, x_test = thin_counts(X, fraction, random_state)
         fitted.fit(x_train, size_factors=s)
-        base = np.ones(x_test.shape[0]) if s is None else s
+        base = fitted.training_size_factors_  # given, or the training half's libraries
+        base = np.ones(x_test.shape[0]) if base is None else base
         score = heldout_log_likelihood(
             fitted,
             x_test,

@@ -111,8 +111,9 @@ def test_pickle_clone_determinism(fitted, counts):
 
 
 def test_random_state_changes_mc_draws(counts):
-    a = fit_quiet(SparseFactorAnalysis(2, **{**FAST, "random_state": 1}), counts)
-    b = fit_quiet(SparseFactorAnalysis(2, **{**FAST, "random_state": 2}), counts)
+    # softplus: the ELBO is a Monte Carlo estimate (under exp it is exact)
+    a = fit_quiet(SparseFactorAnalysis(2, link="softplus", **{**FAST, "random_state": 1}), counts)
+    b = fit_quiet(SparseFactorAnalysis(2, link="softplus", **{**FAST, "random_state": 2}), counts)
     assert not np.array_equal(a.components_, b.components_)
 
 
@@ -503,7 +504,8 @@ def test_counts_as_users_have_them(counts):
         warnings.simplefilter("ignore", ConvergenceWarning)
         a = SparseFactorAnalysis(2, **FAST).fit(noisy)
     b = fit_quiet(SparseFactorAnalysis(2, **FAST), counts)
-    np.testing.assert_allclose(a.components_, b.components_, atol=1e-3)
+    # float32 training amplifies the 2e-7 input noise to ~2e-3 over 400 Adam steps
+    np.testing.assert_allclose(a.components_, b.components_, atol=1e-2)
     scaled = counts * 0.37  # e.g. normalised counts
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -603,3 +605,44 @@ def test_size_factors_are_not_dropped_silently_in_model_selection(counts):
             warnings.simplefilter("error", SizeFactorsWarning)
             routed.fit(counts, size_factors=s)
     assert np.all(np.isfinite(routed.cv_results_["mean_test_score"]))
+
+
+def test_library_sizes_are_the_default_size_factors(counts):
+    """Count fits given no size_factors use library size over the training mean; new
+    rows get theirs on the same scale, so nothing is dropped in model selection."""
+    import scipy.sparse as sp
+    from sklearn.model_selection import cross_val_score
+
+    from spfa import SizeFactorsWarning
+    from spfa._validation import library_sizes
+
+    lib = counts.sum(axis=1)
+    est = fit_quiet(SparseFactorAnalysis(2, **FAST), counts)
+    np.testing.assert_allclose(est.training_size_factors_, lib / lib.mean())
+    assert est.library_size_mean_ == pytest.approx(lib.mean())
+    given = fit_quiet(SparseFactorAnalysis(2, **FAST), counts, size_factors=lib / lib.mean())
+    np.testing.assert_allclose(est.components_, given.components_, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SizeFactorsWarning)
+        new = est.transform(counts[:10] * 2)  # twice the depth: twice the size factors
+        assert np.all(np.isfinite(cross_val_score(SparseFactorAnalysis(2, **FAST), counts, cv=2)))
+    np.testing.assert_allclose(
+        new, est.transform(counts[:10] * 2, size_factors=2 * lib[:10] / lib.mean())
+    )
+    # a row with missing entries counts at its observed rate; sparse input agrees
+    x = counts.astype(float)
+    x[0, : x.shape[1] // 2] = np.nan
+    x[1] = 0.0
+    got = library_sizes(x)
+    assert got[0] == pytest.approx(np.nansum(x[0]) * 2) and got[1] == 0.0
+    np.testing.assert_allclose(library_sizes(sp.csr_matrix(x)), got)
+    # an empty row gets half a count, not log 0
+    with_empty = fit_quiet(SparseFactorAnalysis(2, **FAST), x)
+    assert with_empty.training_size_factors_[1] == pytest.approx(0.5 / library_sizes(x).mean())
+    assert np.all(np.isfinite(with_empty.components_))
+    off = fit_quiet(SparseFactorAnalysis(2, library_size=False, **FAST), counts)
+    assert off.training_size_factors_ is None and off.library_size_mean_ is None
+    gauss = fit_quiet(SparseFactorAnalysis(2, likelihood="gaussian", **FAST), counts)
+    assert gauss.training_size_factors_ is None
+    with pytest.raises(ValueError, match="every row of X is empty"):
+        SparseFactorAnalysis(1, **FAST).fit(np.zeros((5, 4)))

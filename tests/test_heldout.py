@@ -11,7 +11,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from spfa import SparseFactorAnalysis
 from spfa.heldout import heldout_log_likelihood, heldout_score, mask_entries, thin_counts
-from spfa.simulate import simulate
+from spfa.simulate import MATCHED_FIT, simulate
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,9 @@ def test_heldout_log_likelihood_matches_scipy_monte_carlo(sim):
     x_train, heldout = mask_entries(sim.x, 0.1, random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        est = SparseFactorAnalysis(3, max_iter=300, random_state=0, device="cpu").fit(x_train)
+        est = SparseFactorAnalysis(
+            3, max_iter=300, random_state=0, device="cpu", **MATCHED_FIT
+        ).fit(x_train)
     ours = heldout_log_likelihood(est, sim.x, entries=heldout, n_draws=400)
     # independent path: numpy draws of L, F, b from the summaries, scipy log-pmf
     rng = np.random.default_rng(5)
@@ -117,7 +119,7 @@ def test_heldout_score_picks_the_planted_number_of_factors(sim, method):
     gain over k = 1 of the best is 3."""
     scores, kept = {}, {}
     for k in (1, 2, 3, 5):
-        est = SparseFactorAnalysis(k, random_state=0, device="cpu")
+        est = SparseFactorAnalysis(k, random_state=0, device="cpu", **MATCHED_FIT)
         scores[k], fitted = heldout_score(est, sim.x, method=method, fraction=0.2)
         kept[k] = fitted.n_effective_components_
     assert scores[1] < scores[2] < scores[3]
@@ -131,7 +133,10 @@ def test_choose_k_picks_the_planted_number_of_factors(sim):
     from spfa import choose_k
 
     choice = choose_k(
-        SparseFactorAnalysis(random_state=0, device="cpu"), sim.x, [1, 3, 2, 5], fraction=0.2
+        SparseFactorAnalysis(random_state=0, device="cpu", **MATCHED_FIT),
+        sim.x,
+        [1, 3, 2, 5],
+        fraction=0.2,
     )
     assert [row["k"] for row in choice.table] == [1, 2, 3, 5]
     assert choice.k == 3, choice.table

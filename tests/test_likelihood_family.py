@@ -27,7 +27,7 @@ from spfa.likelihoods import (
     get_likelihood,
 )
 from spfa.links import Sigmoid, get_link
-from spfa.simulate import simulate
+from spfa.simulate import MATCHED_FIT, simulate
 
 X = np.array([0, 0, 1, 3, 10, 100, 0, 7], dtype=float)
 ETA = np.array([-30, 0.5, -3, 0, 2, 5, 8, 1], dtype=float)
@@ -300,6 +300,29 @@ def test_sigmoid_link_fits_proportions_with_library_sizes():
 
 
 # ----------------------------------------------------------- expectation rules
+def test_poisson_exp_link_expected_log_prob_is_exact():
+    """Under the exp link E_q[log p] is closed form: it matches numerical integration
+    of the log-pmf whatever rule is passed, and has no Monte Carlo noise."""
+    lik = Poisson(link="exp").double()
+    x = torch.tensor([0.0, 3.0, 12.0, 40.0], dtype=torch.float64)
+    m = torch.tensor([-2.0, 1.0, 2.5, 3.0], dtype=torch.float64)
+    v = torch.tensor([0.3, 1.0, 2.0, 0.01], dtype=torch.float64)
+    log_s = torch.tensor([0.3, -0.5, 0.0, 1.0], dtype=torch.float64)
+
+    def integrand(e, xi, ls, mi, vi):
+        lp = st.poisson.logpmf(xi, np.exp(e + ls))
+        return lp * st.norm.pdf(e, mi, np.sqrt(vi))
+
+    want = [
+        si.quad(integrand, mi - 12 * np.sqrt(vi), mi + 12 * np.sqrt(vi), args=(xi, ls, mi, vi))[0]
+        for xi, ls, mi, vi in zip(*(t.tolist() for t in (x, log_s, m, v)), strict=True)
+    ]
+    gen = torch.Generator().manual_seed(0)
+    for rule in (MonteCarlo(1), GaussHermite(3)):
+        got = lik.expected_log_prob(x, m, v, log_s, rule, gen).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-7)
+
+
 def test_gauss_hermite_matches_numerical_integration():
     lik = Poisson().double()
     x = torch.tensor([0.0, 3.0, 12.0], dtype=torch.float64)
@@ -390,7 +413,9 @@ def _expression_error(est, sim):
 def _fit_error(sim, likelihood, x=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        est = SparseFactorAnalysis(3, likelihood=likelihood, random_state=0, device="cpu")
+        est = SparseFactorAnalysis(
+            3, likelihood=likelihood, random_state=0, device="cpu", **MATCHED_FIT
+        )
         est.fit(sim.x if x is None else x, size_factors=sim.size_factors)
     return _expression_error(est, sim), est
 

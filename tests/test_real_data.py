@@ -59,6 +59,16 @@ def test_unknown_or_missing_dataset():
         real_data.package_file("simulations", "no_such_file.csv")
 
 
+def test_spfa_variants_parse_to_estimator_parameters():
+    assert real_counts.parse_variant("likelihood=negative_binomial,library_size=False") == {
+        "likelihood": "negative_binomial",
+        "library_size": False,
+    }
+    assert real_counts.parse_variant("tol=1e-5,max_iter=10") == {"tol": 1e-5, "max_iter": 10}
+    with pytest.raises(ValueError, match="key=value"):
+        real_counts.parse_variant("poisson:exp")
+
+
 def test_heldout_poisson_floors_zero_means():
     x_test = np.array([[0.0, 2.0], [1.0, 0.0]])
     mean = np.array([[1.0, 2.0], [0.0, 1.0]])
@@ -75,13 +85,15 @@ def test_real_counts_smoke(tmp_path):
     rows = real_counts.main(
         ["--datasets", name, "--k", "2", "--n-genes", "200", "--max-iter", "30"]
         + ["--methods", "spfa", "null", "--out", str(tmp_path)]
+        + ["--spfa-variants", "link=softplus,library_size=False"]
     )
     by = {r["method"]: r for r in rows}
-    assert set(by) == {"spfa", "null"} and all(r["status"] == "ok" for r in rows)
+    variant = "spfa link=softplus,library_size=False"
+    assert set(by) == {"spfa", "null", variant} and all(r["status"] == "ok" for r in rows)
     assert all(np.isfinite(r["loglik"]) and r["loglik"] < 0 for r in rows)
     assert by["null"]["vs_null"] == 0 and by["spfa"]["seconds"] > 0
     assert 1 <= by["spfa"]["n_effective"] <= 2
     assert 0 <= by["spfa"]["pip_share"] <= 1 and 0 <= by["spfa"]["top_abundant"] <= 1
     saved = json.loads((tmp_path / "real_counts.json").read_text())
-    assert saved["datasets"][0]["n_genes"] <= 200 and len(saved["rows"]) == 2
+    assert saved["datasets"][0]["n_genes"] <= 200 and len(saved["rows"]) == 3
     assert "| spfa |" in (tmp_path / "real_counts.md").read_text()

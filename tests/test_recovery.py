@@ -8,7 +8,7 @@ import pytest
 from simulations.peers import fit_fa, fit_nmf, fit_svd
 from spfa import SparseFactorAnalysis
 from spfa.evaluation import relative_error as rel_error
-from spfa.simulate import simulate
+from spfa.simulate import MATCHED_FIT, simulate
 
 
 def spfa_mean(est):
@@ -105,7 +105,9 @@ def test_point_exponential_beats_nmf_kl_on_parts_based_counts():
     from spfa.simulate import simulate_parts
 
     sim = simulate_parts(k=4, seed=2)
-    est = SparseFactorAnalysis(4, prior="point_exponential", random_state=0, device="cpu")
+    est = SparseFactorAnalysis(
+        4, prior="point_exponential", random_state=0, device="cpu", **MATCHED_FIT
+    )
     est.fit(sim.x)
     assert est.loadings_.min() >= 0 and est.components_.min() >= 0
     ours = rel_error(spfa_mean(est), sim.mean)
