@@ -115,24 +115,12 @@ class PointNormal(PointMassFamily):
 
     @torch.no_grad()
     def start_(self, values, precision, rows=None):
-        """The normal-means posterior of each entry given ``values`` observed with
-        ``precision``, under the starting prior: slab precision ``precision + tau``,
-        the shrunk mean, and inclusion log-odds ``logit(pi)`` plus the log Bayes
-        factor ``log N(v; 0, 1/tau + 1/P) - log N(v; 0, 1/P)``. An entry with no
-        data (``P = 0``) starts at its prior."""
         index = self._index(rows)
         tau = torch.exp(self.prior_log_prec)
-        v = as_tensor_like(values, self.mean)
-        P = as_tensor_like(precision, self.log_prec).expand_as(v)
-        prec = P + tau
-        self.mean[index] = P * v / prec
-        self.log_prec[index] = torch.log(prec)
-        informed = P > 0
-        P_ = torch.where(informed, P, 1.0)
-        log_bf = normal_logpdf(v, 0.0, 0.5 * torch.log(1.0 / tau + 1.0 / P_)) - normal_logpdf(
-            v, 0.0, -0.5 * torch.log(P_)
-        )
-        self.logits[index] = self.prior_logit + torch.where(informed, log_bf, 0.0)
+        self.logits[index] = special.logit(PIP_START)
+        # E[theta] = alpha mu: start the slab mean so that E[theta] = values
+        self.mean[index] = as_tensor_like(values, self.mean) / PIP_START
+        self.log_prec[index] = torch.log(as_tensor_like(precision, self.log_prec) + tau)
 
     @torch.no_grad()
     def update_prior_(self):
