@@ -623,6 +623,7 @@ def test_library_sizes_are_the_default_size_factors(counts):
     given = fit_quiet(SparseFactorAnalysis(2, **FAST), counts, size_factors=lib / lib.mean())
     np.testing.assert_allclose(est.components_, given.components_, atol=1e-6)
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("error", SizeFactorsWarning)
         new = est.transform(counts[:10] * 2)  # twice the depth: twice the size factors
         assert np.all(np.isfinite(cross_val_score(SparseFactorAnalysis(2, **FAST), counts, cv=2)))
