@@ -95,3 +95,16 @@ def test_scale_smoke(tmp_path, capsys):
         assert np.isfinite(peer["error"]) and peer["fit_seconds"] > 0
     assert (tmp_path / "scale.png").is_file() and (tmp_path / "scale.json").is_file()
     assert "glmpca" in capsys.readouterr().out
+
+
+def test_best_rank_svd_error_picks_the_rank_closest_to_the_truth():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(30, 2)) @ rng.normal(size=(2, 40)) * 3.0
+    noise = rng.normal(size=truth.shape)
+    err, rank = sanity_checks.best_rank_svd_error(truth + noise, truth)
+    assert rank == 2
+    u, sv, vt = np.linalg.svd(truth + noise, full_matrices=False)
+    for r in (1, 3, 10):
+        approx = (u[:, :r] * sv[:r]) @ vt[:r]
+        assert err <= np.linalg.norm(approx - truth) / np.linalg.norm(truth)
+    assert sanity_checks.best_rank_svd_error(truth, truth)[0] < 1e-12
