@@ -25,7 +25,7 @@ from ._convert import to_numpy
 from ._validation import dense_rows
 from .data import RowBatches
 from .expectation import Expectation, get_expectation
-from .initialization import initialize, working_weights
+from .initialization import initialize, working_response, working_weights
 from .likelihoods import Likelihood
 from .model import SparseFactorModel
 from .monitor import Monitor
@@ -237,8 +237,9 @@ class _Projection:
 
     def __init__(self, model):
         lik = model.likelihood
+        self.link = lik.link
         with torch.no_grad():
-            b = to_numpy(model.intercept_mean())
+            b = self.b = to_numpy(model.intercept_mean())
             self.mu0 = to_numpy(lik.mean(model.intercept_mean()))
             mf, vf = model.factors.moments()
             self.mf, self.second = to_numpy(mf), to_numpy(mf**2 + vf)
@@ -250,7 +251,7 @@ class _Projection:
     def means(self, x, mask, s) -> np.ndarray:
         """Ridge projection of the linearised rows ``x`` onto ``E[F]``: start of ``E[L]``."""
         y = x if s is None else x / s[:, None]
-        z = (y - self.mu0) / self.slope
+        z = working_response(self.link, y, self.mu0, self.b, self.slope)
         if mask is not None:
             z = z * mask
         return np.linalg.solve(self.gram, ((z * self.w) @ self.mf).T).T

@@ -115,7 +115,7 @@ def initialize(
     # a free noise variance is not known before the low-rank fit: unweighted SVD
     w = working_weights(likelihood, mu0, slope) if likelihood.variance_from_mean else np.ones(p)
 
-    z = obs * _working_response(link, y, mu0, eta0, slope)
+    z = obs * working_response(link, y, mu0, eta0, slope)
     k = n_components
     if start is not None:
         l0, f0 = (np.asarray(a, dtype=float) for a in start)
@@ -163,7 +163,7 @@ def initialize(
     )
 
 
-def _working_response(link, y, mu0, eta0, slope):
+def working_response(link, y, mu0, eta0, slope) -> np.ndarray:
     """The linearised deviation ``(y - mu0) / h'(eta0)`` of ``eta`` from ``eta0``,
     never beyond the exact one ``h^{-1}(y) - eta0`` where the data lie above the
     start's mean. For a convex link (exp, softplus) the tangent overshoots there: a

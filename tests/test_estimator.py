@@ -647,3 +647,17 @@ def test_library_sizes_are_the_default_size_factors(counts):
     assert gauss.training_size_factors_ is None
     with pytest.raises(ValueError, match="every row of X is empty"):
         SparseFactorAnalysis(1, **FAST).fit(np.zeros((5, 4)))
+
+
+def test_exp_link_transform_of_training_rows_matches_the_fit():
+    """New rows start from the same capped working response as the fit: on rare
+    features with large counts the projection no longer overflows, and transform
+    of the training rows lands near the training loadings."""
+    x = _steep_counts()
+    est = fit_quiet(SparseFactorAnalysis(3, link="exp", random_state=0, device="cpu"), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("error", RuntimeWarning)  # no non-finite roll-backs
+        z = est.transform(x)
+    scale = np.abs(est.loadings_).max()
+    assert np.abs(z - est.loadings_).max() < 0.1 * scale
