@@ -124,7 +124,6 @@ def initialize(
             eta0 = eta0 + (obs * (z - l0 @ f0.T)).sum(0) / n_obs
             mu0 = link(torch.as_tensor(eta0, dtype=torch.float64)).numpy()
             slope = link.derivative(eta0)
-            z = obs * (y - mu0) / slope
     else:
         y_w = z * np.sqrt(w)
         if min(n, p) <= 500:
