@@ -36,11 +36,13 @@ class Batch:
     ``cols`` give each entry's sample and feature.
     """
 
-    __slots__ = ("x", "mask", "rows", "entry_rows", "cols")
+    __slots__ = ("x", "mask", "rows", "entry_rows", "cols", "cache")
 
     def __init__(self, x, mask, rows, entry_rows=None, cols=None):
         self.x, self.mask, self.rows = x, mask, rows
         self.entry_rows, self.cols = entry_rows, cols
+        #: what the likelihood computes from the data alone, kept while the batch is
+        self.cache = {}
 
     def terms(self, model, log_s, expectation, generator, scale: float):
         """The ELBO's terms of this batch, scaled (see :meth:`SparseFactorModel.elbo_terms`)."""
@@ -55,6 +57,7 @@ class Batch:
             self.cols,
             batch=self.rows,
             scale=scale,
+            cache=self.cache,
         )
 
 

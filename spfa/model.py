@@ -23,6 +23,7 @@ import torch
 
 from .expectation import Expectation
 from .likelihoods import Likelihood
+from .linear_predictor import LinearPredictor
 from .priors import NormalEffect, get_prior
 
 __all__ = ["ELBOTerms", "SparseFactorModel"]
@@ -103,6 +104,16 @@ class SparseFactorModel(torch.nn.Module):
         own = [self.likelihood.get_parameter(name) for name in self.likelihood.row_parameters]
         return self.loadings.variational_parameters() + own
 
+    def linear_predictor(self, rows: torch.Tensor | None = None) -> LinearPredictor:
+        """``eta`` on the grid of all features (of all samples, or of the samples
+        ``rows``) in factored form: its moments are not built until asked for."""
+        ml, vl = self.loadings.moments(rows, sparse=self.sparse_rows)
+        mf, vf = self.factors.moments()
+        mb = vb = None
+        if self.intercept is not None:
+            mb, vb = self.intercept.moments()
+        return LinearPredictor(ml, vl, mf, vf, mb, vb)
+
     def eta_moments(
         self, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,23 +126,16 @@ class SparseFactorModel(torch.nn.Module):
             ``rows``); both given: the entries ``(rows[e], cols[e])``, ``[m]``,
             at a cost of ``m k`` rather than ``n p k``.
         """
-        ml, vl = self.loadings.moments(rows, sparse=self.sparse_rows)
-        mf, vf = self.factors.moments()
-        mb = vb = None
-        if self.intercept is not None:
-            mb, vb = self.intercept.moments()
+        eta = self.linear_predictor(rows if cols is None else None)
         if cols is None:
-            # one product per moment, the intercept added in the same pass (addmm)
-            lhs, rhs = torch.cat([vl + ml**2, vl], 1), torch.cat([vf, mf**2], 1)
-            if mb is None:
-                return ml @ mf.T, lhs @ rhs.T
-            return torch.addmm(mb, ml, mf.T), torch.addmm(vb, lhs, rhs.T)
-        mf, vf = mf[cols], vf[cols]
+            return eta.moments()
+        ml, vl = self.loadings.moments(rows, sparse=self.sparse_rows)
+        mf, vf = eta.mf[cols], eta.vf[cols]
         mean = (ml * mf).sum(-1)
         var = ((vl + ml**2) * vf + vl * mf**2).sum(-1)
-        if mb is not None:
-            mean = mean + mb[cols]
-            var = var + vb[cols]
+        if eta.mb is not None:
+            mean = mean + eta.mb[cols]
+            var = var + eta.vb[cols]
         return mean, var
 
     def intercept_mean(self) -> torch.Tensor:
@@ -151,6 +155,7 @@ class SparseFactorModel(torch.nn.Module):
         cols: torch.Tensor | None = None,
         batch: torch.Tensor | None = None,
         scale: float = 1.0,
+        cache: dict | None = None,
     ) -> ELBOTerms:
         """The ELBO's terms for data ``x``.
 
@@ -176,20 +181,27 @@ class SparseFactorModel(torch.nn.Module):
             KL), e.g. the number of batches, so that the result is an unbiased
             estimate of the whole data set's ELBO; the factors' and intercept's
             KL are counted once.
+        cache : dict, optional
+            Kept with the batch ``x`` between calls: where a likelihood keeps
+            what depends on the data alone (e.g. ``sum lgamma(x + 1)``).
         """
-        mean, var = self.eta_moments(rows, cols)
         if log_s is not None and rows is not None:
             log_s = log_s[rows]
         if log_s is not None and cols is not None:
             log_s = log_s.squeeze(-1)
-        ll = self.likelihood.expected_log_prob(
-            x, mean, var, log_s, expectation, generator, rows, cols
-        )
-        if mask is not None:
-            ll = ll * mask
-        kl_b = self.intercept.kl() if self.intercept is not None else ll.new_zeros(())
+        total = None
+        if cols is None:
+            eta = self.linear_predictor(rows)
+            total = self.likelihood.grid_expected_log_prob(x, mask, eta, log_s, cache, rows)
+        if total is None:
+            mean, var = eta.moments() if cols is None else self.eta_moments(rows, cols)
+            ll = self.likelihood.expected_log_prob(
+                x, mean, var, log_s, expectation, generator, rows, cols
+            )
+            total = (ll if mask is None else ll * mask).sum()
+        kl_b = self.intercept.kl() if self.intercept is not None else total.new_zeros(())
         kl_l = self.loadings.kl(batch, sparse=self.sparse_rows)
-        return ELBOTerms(scale * ll.sum(), scale * kl_l, self.factors.kl(), kl_b)
+        return ELBOTerms(scale * total, scale * kl_l, self.factors.kl(), kl_b)
 
     @torch.no_grad()
     def sample_eta(

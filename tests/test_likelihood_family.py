@@ -323,6 +323,58 @@ def test_poisson_exp_link_expected_log_prob_is_exact():
         np.testing.assert_allclose(got, want, rtol=1e-7)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("sized", [False, True])
+@pytest.mark.parametrize("intercept", [False, True])
+def test_poisson_exp_link_grid_sum_matches_the_entrywise_form(masked, sized, intercept):
+    """The model sums the closed form from the factored linear predictor (no grid of
+    E[eta] or V[eta]); its value and every gradient equal those of the entrywise
+    closed form (itself checked against numerical integration above), summed over
+    the observed entries."""
+    from spfa.model import SparseFactorModel
+
+    torch.manual_seed(0)
+    n, p, k = 13, 11, 3
+    lik = Poisson(link="exp")
+    lik.initialize(np.ones(p), np.ones(p))
+    model = SparseFactorModel(n, p, k, lik, fit_intercept=intercept).double()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))
+    mask = (torch.rand(n, p) > 0.3).double() if masked else None
+    x = torch.poisson(torch.full((n, p), 2.0)).double() * (1.0 if mask is None else mask)
+    log_s = 0.4 * torch.randn(n, 1, dtype=torch.float64) if sized else None
+    params = [prm for prm in model.parameters() if prm.requires_grad]
+
+    fused = model.elbo_terms(x, mask, log_s, GaussHermite(3), cache={}).err
+    grads = torch.autograd.grad(fused, params, allow_unused=True)
+    mean, var = model.eta_moments()
+    entrywise = lik.expected_log_prob(x, mean, var, log_s, GaussHermite(3))
+    entrywise = (entrywise if mask is None else entrywise * mask).sum()
+    want = torch.autograd.grad(entrywise, params, allow_unused=True)
+    torch.testing.assert_close(fused, entrywise, rtol=1e-12, atol=1e-9)
+    assert sum(g is not None for g in want) >= 6  # L's and F's variational parameters
+    for got, ref in zip(grads, want, strict=True):
+        assert (got is None) == (ref is None)
+        if ref is not None:
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_sum_exp_product_gradient_is_the_numerical_one():
+    from spfa.linear_predictor import sum_exp_product
+
+    gen = torch.Generator().manual_seed(1)
+    lhs = 0.3 * torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    rhs = 0.3 * torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    bias = 0.3 * torch.randn(5, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(6, 5, generator=gen) > 0.3).double()
+    for b in (bias, None):
+        for m in (mask, None):
+            args = [t.clone().requires_grad_(True) for t in (lhs, rhs)]
+            args.append(None if b is None else b.clone().requires_grad_(True))
+            assert torch.autograd.gradcheck(lambda *a, m=m: sum_exp_product(*a, m), args)
+
+
 def test_gauss_hermite_matches_numerical_integration():
     lik = Poisson().double()
     x = torch.tensor([0.0, 3.0, 12.0], dtype=torch.float64)

@@ -241,6 +241,34 @@ class Likelihood(torch.nn.Module):
         eta, weights = expectation.points(eta_mean, eta_var, generator)
         return (weights * self.log_prob(x, eta, log_s, rows, cols)).sum(0)
 
+    def grid_expected_log_prob(self, x, mask, eta, log_s, cache=None, rows=None):
+        """``sum_ij mask_ij E_q[log p(x_ij | eta_ij)]`` over a grid, from ``eta`` in
+        factored form, or None to have it summed from :meth:`expected_log_prob`.
+
+        The hook of a likelihood whose closed form can skip the grids of
+        ``E[eta]`` and ``V[eta]`` (the Poisson under the exp link); the default
+        has none.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, p)
+            Data, 0 where missing.
+        mask : Tensor of shape (n, p) or None
+            1 for observed, 0 for missing entries.
+        eta : LinearPredictor
+            :class:`spfa.model.LinearPredictor` of the grid's rows.
+        log_s : Tensor of shape (n, 1) or None
+        cache : dict, optional
+            Kept with ``x`` between calls, for sums of the data alone.
+        rows : Tensor of int, optional
+            The grid's samples (for per-sample parameters).
+
+        Returns
+        -------
+        Tensor (scalar) or None
+        """
+        return None
+
     def sample(self, mean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Draw data at the grid mean of the training rows.
 

@@ -1,0 +1,127 @@
+"""The linear predictor ``eta = L F^T + 1 b^T`` under ``q``, in factored form.
+
+Under the fully factorised ``q`` the moments of ``eta`` on a grid of ``n``
+samples by ``p`` features are products of ``[n, .]`` and ``[p, .]`` matrices
+(DESIGN.md)::
+
+    E[eta] = ml mf^T + mb
+    V[eta] = (vl + ml^2) vf^T + vl (mf^2)^T + vb
+
+A likelihood with a closed form can use the factors rather than the grids:
+``sum_ij x_ij E[eta_ij]`` is ``sum (x mf) * ml + colsums(x) mb``, and the
+lognormal mean ``E_q[s e^eta] = exp(E[eta] + V[eta]/2 + log s)`` is one matrix
+product followed by an exponential, summed by :func:`sum_exp_product` without
+keeping any other ``n x p`` temporary for the backward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LinearPredictor", "sum_exp_product"]
+
+
+class _SumExpProduct(torch.autograd.Function):
+    """``sum(mask * exp(lhs rhs^T + bias))`` with its gradient from the one saved grid."""
+
+    @staticmethod
+    def forward(ctx, lhs, rhs, bias, mask):
+        grid = lhs @ rhs.T if bias is None else torch.addmm(bias, lhs, rhs.T)
+        grid.exp_()
+        if mask is not None:
+            grid.mul_(mask)
+        ctx.save_for_backward(lhs, rhs, grid)
+        ctx.has_bias = bias is not None
+        return grid.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        lhs, rhs, grid = ctx.saved_tensors
+        # d/d(lhs rhs^T + bias) of the sum is the (masked) grid itself
+        grad_lhs = grad * (grid @ rhs) if ctx.needs_input_grad[0] else None
+        grad_rhs = grad * (grid.T @ lhs) if ctx.needs_input_grad[1] else None
+        grad_bias = grad * grid.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_lhs, grad_rhs, grad_bias, None
+
+
+def sum_exp_product(lhs, rhs, bias=None, mask=None) -> torch.Tensor:
+    """``sum_ij mask_ij exp((lhs rhs^T)_ij + bias_j)``, differentiable in ``lhs``, ``rhs``
+    and ``bias``.
+
+    Parameters
+    ----------
+    lhs : Tensor of shape (n, d)
+    rhs : Tensor of shape (p, d)
+    bias : Tensor of shape (p,), optional
+    mask : Tensor of shape (n, p), optional
+        Weights of the entries (1 observed, 0 missing); not differentiated.
+
+    Returns
+    -------
+    Tensor (scalar)
+        Computed with one ``[n, p]`` grid, exponentiated in place and kept
+        for the backward pass, whose gradients are products with it.
+    """
+    return _SumExpProduct.apply(lhs, rhs, bias, mask)
+
+
+@dataclass
+class LinearPredictor:
+    """``eta`` on a grid ``[n, p]`` under ``q``, in factored form.
+
+    Attributes
+    ----------
+    ml, vl : Tensor of shape (n, k)
+        Means and variances of the loadings.
+    mf, vf : Tensor of shape (p, k)
+        Means and variances of the factors.
+    mb, vb : Tensor of shape (p,) or None
+        Mean and variance of the intercept (None without one).
+    """
+
+    ml: torch.Tensor
+    vl: torch.Tensor
+    mf: torch.Tensor
+    vf: torch.Tensor
+    mb: torch.Tensor | None = None
+    vb: torch.Tensor | None = None
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``E[eta]`` and ``V[eta]``, ``[n, p]`` each (one product per moment)."""
+        ml, vl, mf, vf = self.ml, self.vl, self.mf, self.vf
+        lhs, rhs = torch.cat([vl + ml**2, vl], 1), torch.cat([vf, mf**2], 1)
+        if self.mb is None:
+            return ml @ mf.T, lhs @ rhs.T
+        return torch.addmm(self.mb, ml, mf.T), torch.addmm(self.vb, lhs, rhs.T)
+
+    def sum_lognormal_mean(self, log_s=None, mask=None) -> torch.Tensor:
+        """``sum_ij mask_ij exp(E[eta_ij] + V[eta_ij] / 2 + log s_i)``: the sum of
+        ``E_q[s_i e^eta_ij]`` for Gaussian ``eta`` (scalar).
+
+        Parameters
+        ----------
+        log_s : Tensor of shape (n, 1), optional
+        mask : Tensor of shape (n, p), optional
+        """
+        ml, vl, mf, vf = self.ml, self.vl, self.mf, self.vf
+        lhs = [ml, 0.5 * (vl + ml**2), 0.5 * vl]
+        rhs = [mf, vf, mf**2]
+        if log_s is not None:  # a column of log s against a column of ones
+            lhs.append(log_s)
+            rhs.append(torch.ones_like(mf[:, :1]))
+        bias = None if self.mb is None else self.mb + 0.5 * self.vb
+        return sum_exp_product(torch.cat(lhs, 1), torch.cat(rhs, 1), bias, mask)
+
+    def sum_times_mean(self, x: torch.Tensor, column_sums: torch.Tensor) -> torch.Tensor:
+        """``sum_ij x_ij E[eta_ij]`` (scalar) at the cost of ``x mf``.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, p)
+        column_sums : Tensor of shape (p,)
+            ``x.sum(0)``.
+        """
+        total = ((x @ self.mf) * self.ml).sum()
+        return total if self.mb is None else total + column_sums @ self.mb
