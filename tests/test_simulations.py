@@ -1,12 +1,13 @@
 """Smoke runs of the scripts in simulations/ (one replicate, small settings)."""
 
 import csv
+import importlib.util
 import json
 import sys
 
 import numpy as np
 
-from simulations import benchmark, choose_k, figures, sanity_checks, scale
+from simulations import benchmark, choose_k, figures, real_data, sanity_checks, scale, speed
 
 
 def test_sanity_benchmark_and_figures_smoke(tmp_path, capsys):
@@ -95,6 +96,37 @@ def test_scale_smoke(tmp_path, capsys):
         assert np.isfinite(peer["error"]) and peer["fit_seconds"] > 0
     assert (tmp_path / "scale.png").is_file() and (tmp_path / "scale.json").is_file()
     assert "glmpca" in capsys.readouterr().out
+
+
+def test_speed_smoke(tmp_path, caplog):
+    """Tiny sizes: spfa and NMF-KL on the simulation and, where its package is installed,
+    one real data set; every row has its times and score, the tables are written."""
+    caplog.set_level("INFO", logger="simulations.speed")
+    names = [n for n in real_data.DATASETS if importlib.util.find_spec(real_data.DATASETS[n][0])]
+    rows = speed.main(
+        ["--datasets", *names[:1], "--n-genes", "60", "--sim-n", "200", "--sim-p", "100"]
+        + ["--k", "2", "--methods", "spfa", "nmf_kl", "--spfa-params", "max_iter=20"]
+        + ["--out", str(tmp_path)]
+    )
+    sim = [r for r in rows if r["dataset"].startswith("simulation")]
+    real = [r for r in rows if not r["dataset"].startswith("simulation")]
+    assert [r["method"] for r in sim] == ["spfa", "spfa matched", "nmf_kl"]
+    assert [r["method"] for r in real] == (["spfa", "nmf_kl"] if names else [])
+    assert all(r["status"] == "ok" and r["seconds"] > 0 for r in rows)
+    assert all(0 < r["error"] < 1 for r in sim) and all(r["loglik"] < 0 for r in real)
+    nmf = {r["dataset"]: r["seconds"] for r in rows if r["method"] == "nmf_kl"}
+    for row in rows:
+        assert np.isclose(row["vs_reference"], row["seconds"] / nmf[row["dataset"]])
+        if row["method"].startswith("spfa"):
+            assert row["n_iter"] <= 20 and row["transform_seconds"] > 0 and row["score_seconds"] > 0
+            assert np.isclose(row["transform_share"], row["transform_seconds"] / row["seconds"])
+        else:
+            assert "transform_seconds" not in row
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert saved["settings"]["spfa_params"] == "max_iter=20" and len(saved["rows"]) == len(rows)
+    text = (tmp_path / "speed.md").read_text()
+    assert text.count("| method | fit s | / nmf_kl |") == 1 + len(names[:1])
+    assert "| spfa matched |" in text and "wrote" in caplog.text
 
 
 def test_best_rank_svd_error_picks_the_rank_closest_to_the_truth():
