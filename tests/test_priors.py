@@ -7,7 +7,7 @@ from scipy import stats
 
 from spfa.likelihoods import Poisson
 from spfa.model import SparseFactorModel
-from spfa.priors import NormalEffect, PointNormal, normal_kl, point_normal_kl
+from spfa.priors import NormalEffect, PointNormal, get_prior, normal_kl, point_normal_kl
 
 CASES = [
     # alpha-logit, mu, log nu, prior logit, prior log tau
@@ -127,3 +127,16 @@ def test_truncated_normal_moments_against_mpmath(z):
     assert m == pytest.approx(float(m_ref), rel=1e-7)
     assert v == pytest.approx(float(v_ref), rel=1e-6)
     assert h == pytest.approx(float(h_ref), rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["point_normal", "point_exponential"])
+def test_spike_update_is_finite_where_every_pip_rounds_to_one_or_zero(name):
+    """The empirical-Bayes pi = mean PIP, taken from the logits: finite (and right) where
+    sigmoid(logits) is exactly 1 or 0 in float32 everywhere in a factor."""
+    family = get_prior(name)(50, 3)
+    with torch.no_grad():
+        family.logits.copy_(torch.tensor([40.0, -40.0, 0.0]).repeat(50, 1))
+    family.update_prior_()
+    logit = family.prior_logit.detach().double().numpy()
+    assert np.isfinite(logit).all()
+    np.testing.assert_allclose(logit, [40.0, -40.0, 0.0], atol=1e-4)

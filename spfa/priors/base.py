@@ -265,5 +265,9 @@ class PointMassFamily(PriorFamily):
     def _update_spike_(self) -> torch.Tensor:
         """``pi = mean alpha`` per factor (the spike's EB update); returns ``alpha``."""
         alpha = torch.sigmoid(self.logits)
-        self.prior_logit.copy_(torch.logit(alpha.mean(0)))
+        # logit(mean alpha) = log sum alpha - log sum (1 - alpha), from the logits: finite
+        # where alpha rounds to 0 or 1 everywhere
+        on = torch.logsumexp(-F.softplus(-self.logits), 0)
+        off = torch.logsumexp(-F.softplus(self.logits), 0)
+        self.prior_logit.copy_(on - off)
         return alpha
