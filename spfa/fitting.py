@@ -54,6 +54,16 @@ INIT_ENTRIES = 2**24
 START_SHRINK_LIMIT = 1e-3
 
 
+#: names of the variational parameters in log or logit coordinates: inclusion log-odds,
+#: log precisions, log variances (of every prior family and of the intercept)
+LOG_SCALE_NAMES = ("logits", "log_prec", "log_var")
+#: their step size relative to ``learning_rate``. A step of a given length moves a
+#: log precision or a log-odds far less, relative to where it must go (several units
+#: from the start), than it moves a mean; on real counts this cut the steps of a fit
+#: by a third at a better ELBO (issue 17 note), on the simulations it was neutral
+LOG_SCALE_STEP = 4.0
+
+
 @dataclass
 class FitSettings:
     """How to fit: the estimator's parameters, validated."""
@@ -277,8 +287,8 @@ def _train(model, objective, data: RowBatches, settings: FitSettings, monitor=No
         result = train(
             model,
             objective,
-            params,
-            sparse_params=local,
+            _step_groups(model, params),
+            sparse_params=_step_groups(model, local),
             n_observed=data.n_observed,
             max_iter=settings.max_iter * passes,
             check_every=50 if passes == 1 else passes * -(-50 // passes),
@@ -292,6 +302,15 @@ def _train(model, objective, data: RowBatches, settings: FitSettings, monitor=No
         model.sparse_rows = False
     result.n_iter = result.n_iter // passes
     return result
+
+
+def _step_groups(model, params) -> list[dict]:
+    """``params`` in two optimiser groups: the variational parameters in log or logit
+    coordinates (:data:`LOG_SCALE_NAMES`) step :data:`LOG_SCALE_STEP` times further."""
+    names = {id(p): name.rsplit(".", 1)[-1] for name, p in model.named_parameters()}
+    log_scale = [p for p in params if names.get(id(p)) in LOG_SCALE_NAMES]
+    rest = [p for p in params if names.get(id(p)) not in LOG_SCALE_NAMES]
+    return [{"params": rest}, {"params": log_scale, "lr_scale": LOG_SCALE_STEP}]
 
 
 @contextlib.contextmanager

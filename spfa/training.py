@@ -52,7 +52,17 @@ def _snapshot(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) 
 def _set_lr(optimizers, lr):
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def _groups(params: list) -> list[dict]:
+    """Parameters, or groups ``{"params": [...], "lr_scale": c}``, as optimiser groups."""
+    groups = [g if isinstance(g, dict) else {"params": [g]} for g in params]
+    return [g for g in groups if len(g["params"])]
+
+
+def _flat(groups: list[dict]) -> list[torch.nn.Parameter]:
+    return [p for g in groups for p in g["params"]]
 
 
 def _restore(module, optimizers, snapshot, lr):
@@ -70,7 +80,7 @@ def _all_finite(params) -> bool:
 def train(
     module: torch.nn.Module,
     objective: Callable[[], ELBOTerms],
-    params: list[torch.nn.Parameter],
+    params: list,
     *,
     n_observed: int,
     max_iter: int,
@@ -78,7 +88,7 @@ def train(
     learning_rate: float,
     check_every: int = 50,
     steps_per_record: int = 1,
-    sparse_params: list[torch.nn.Parameter] | None = None,
+    sparse_params: list | None = None,
     plateau_factor: float = 5.0,
     n_plateaus: int = 2,
     max_rollbacks: int = 8,
@@ -93,8 +103,9 @@ def train(
         Owner of ``params``; its state is snapshotted for roll-backs.
     objective : callable
         Returns the :class:`ELBOTerms` of the current parameters (one MC draw).
-    params : list of Parameter
-        What to optimise.
+    params : list of Parameter or of dict
+        What to optimise: parameters, or groups ``{"params": [...], "lr_scale":
+        c}`` whose step size is ``c`` times the learning rate.
     n_observed : int
         Number of observed entries; the loss is the negative ELBO per entry.
     max_iter, tol, learning_rate : see the estimator.
@@ -107,9 +118,10 @@ def train(
         pass for minibatch training, whose per-step values are noisy
         estimates of different batches. A record is then a whole pass, free of
         batch-to-batch spread, and the rule compares passes by ``tol`` alone.
-    sparse_params : list of Parameter, optional
+    sparse_params : list of Parameter or of dict, optional
         Per-sample parameters that receive sparse gradients (minibatches):
-        updated by :class:`torch.optim.SparseAdam`, only where used.
+        updated by :class:`torch.optim.SparseAdam`, only where used (groups as
+        in ``params``).
     on_window : callable, optional
         ``on_window(first_record, terms)`` with ``terms`` of shape
         ``(records, 5)`` (``ELBOTerms.NAMES``), after every finite window.
@@ -121,9 +133,12 @@ def train(
         finite) parameters.
     """
     lr = learning_rate
-    optimizers = [torch.optim.Adam(params, lr=lr)] if params else []
-    if sparse_params:
-        optimizers.append(torch.optim.SparseAdam(sparse_params, lr=lr))
+    groups, sparse_groups = _groups(params), _groups(sparse_params or [])
+    optimizers = [torch.optim.Adam(groups, lr=lr, foreach=True)] if groups else []
+    if sparse_groups:
+        optimizers.append(torch.optim.SparseAdam(sparse_groups, lr=lr))
+    _set_lr(optimizers, lr)
+    params = _flat(groups) + _flat(sparse_groups)
     history = {name: [] for name in ELBOTerms.NAMES}
     snapshot = _snapshot(module, optimizers)
     buffer: list[torch.Tensor] = []
@@ -153,7 +168,7 @@ def train(
         if steps_per_record > 1:
             whole = len(values) // steps_per_record * steps_per_record
             values = values[:whole].reshape(-1, steps_per_record, values.shape[1]).mean(1)
-        if not (np.isfinite(values).all() and _all_finite(params + (sparse_params or []))):
+        if not (np.isfinite(values).all() and _all_finite(params)):
             rollbacks += 1
             if rollbacks > max_rollbacks:
                 _restore(module, optimizers, snapshot, lr)

@@ -659,5 +659,9 @@ def test_exp_link_transform_of_training_rows_matches_the_fit():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("error", RuntimeWarning)  # no non-finite roll-backs
         z = est.transform(x)
+    # the rows' own fit reaches the ELBO the fit gave them, or better ...
+    assert est.score(x) * x.size >= est.elbo_ - 1e-3 * abs(est.elbo_)
+    # ... and lands near the training loadings (the overflowing start put them 10.5 away;
+    # 0.30 of 2.84 where a refit of the rows finds a higher ELBO than the fit's rows)
     scale = np.abs(est.loadings_).max()
-    assert np.abs(z - est.loadings_).max() < 0.1 * scale
+    assert np.abs(z - est.loadings_).max() < 0.15 * scale
