@@ -108,11 +108,14 @@ class LinearPredictor:
         ml, vl, mf, vf = self.ml, self.vl, self.mf, self.vf
         lhs = [ml, 0.5 * (vl + ml**2), 0.5 * vl]
         rhs = [mf, vf, mf**2]
-        if log_s is not None:  # a column of log s against a column of ones
+        # log s and the intercept as columns against columns of ones: no broadcast copy
+        if log_s is not None:
             lhs.append(log_s)
             rhs.append(torch.ones_like(mf[:, :1]))
-        bias = None if self.mb is None else self.mb + 0.5 * self.vb
-        return sum_exp_product(torch.cat(lhs, 1), torch.cat(rhs, 1), bias, mask)
+        if self.mb is not None:
+            lhs.append(torch.ones_like(ml[:, :1]))
+            rhs.append((self.mb + 0.5 * self.vb)[:, None])
+        return sum_exp_product(torch.cat(lhs, 1), torch.cat(rhs, 1), None, mask)
 
     def sum_times_mean(self, x: torch.Tensor, column_sums: torch.Tensor) -> torch.Tensor:
         """``sum_ij x_ij E[eta_ij]`` (scalar) at the cost of ``x mf``.
