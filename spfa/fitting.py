@@ -216,12 +216,14 @@ def apply_start(model, init, sub, X, s, settings: FitSettings, start=None, shrin
         start_rows(model, X, s, None if start is None else start[0], shrink)
 
 
-def start_rows(model, X, s, means=None, shrink=1.0) -> None:
+def start_rows(model, X, s, means=None, shrink=1.0, posterior=False) -> None:
     """Start ``q(L)`` of every row of ``X`` from the model's factors, in chunks of rows.
 
     The point estimates come from a ridge projection of the linearised data
     onto ``E[F]`` (or from ``means``, ``(n, k)``), the precisions from their
-    coordinate-ascent values given ``F``.
+    coordinate-ascent values given ``F``. With ``posterior=True`` (new rows)
+    ``q(L)`` starts at the family's normal-means posterior given them
+    (``start_posterior_``).
     """
     n, p = X.shape
     chunk = max(1, INIT_ENTRIES // p)
@@ -234,7 +236,10 @@ def start_rows(model, X, s, means=None, shrink=1.0) -> None:
         s_rows = None if s is None else s[rows]
         values = projection.means(x, mask, s_rows) if means is None else means[rows]
         precision = projection.precision(mask, len(rows))
-        model.loadings.start_(shrink * values, precision, rows)
+        if posterior:
+            model.loadings.start_posterior_(shrink * values, precision, rows)
+        else:
+            model.loadings.start_(shrink * values, precision, rows)
 
 
 class _Projection:
@@ -392,7 +397,7 @@ def fit_rows(state, X, s, likelihood, settings: FitSettings, rng):
     Returns ``(model, data, result)``.
     """
     model = build_model(state, X.shape[0], X.shape[1], likelihood, settings, rows=False)
-    start_rows(model, X, s)
+    start_rows(model, X, s, posterior=True)
     model.requires_grad_(False)
     # the new rows' own parameters: q(L) and any per-sample likelihood parameters
     for prm in model.row_parameters():
@@ -404,7 +409,8 @@ def fit_rows(state, X, s, likelihood, settings: FitSettings, rng):
     def objective():
         return data.step_terms(model, rule, gen)
 
-    result = _train(model, objective, data, settings)
+    with model.fixed_globals():
+        result = _train(model, objective, data, settings)
     return model, data, result
 
 

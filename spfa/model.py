@@ -17,6 +17,7 @@ the observed entries.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,7 @@ class SparseFactorModel(torch.nn.Module):
         self.intercept = NormalEffect(n_features) if fit_intercept else None
         likelihood.initialize_rows(n_samples)
         self.sparse_rows = False
+        self._fixed = None  # see fixed_globals
 
     @property
     def sparse_rows(self) -> bool:
@@ -108,11 +110,32 @@ class SparseFactorModel(torch.nn.Module):
         """``eta`` on the grid of all features (of all samples, or of the samples
         ``rows``) in factored form: its moments are not built until asked for."""
         ml, vl = self.loadings.moments(rows, sparse=self.sparse_rows)
+        if self._fixed is not None:
+            mf, vf, mb, vb = self._fixed["moments"]
+            return LinearPredictor(ml, vl, mf, vf, mb, vb)
         mf, vf = self.factors.moments()
         mb = vb = None
         if self.intercept is not None:
             mb, vb = self.intercept.moments()
         return LinearPredictor(ml, vl, mf, vf, mb, vb)
+
+    @contextlib.contextmanager
+    def fixed_globals(self):
+        """Within the block, the factors' and intercept's moments and KL are computed
+        once and reused: for fitting rows with everything else held fixed (their
+        parameters must not change inside the block)."""
+        with torch.no_grad():
+            mf, vf = self.factors.moments()
+            mb = vb = None
+            if self.intercept is not None:
+                mb, vb = self.intercept.moments()
+            kl_f = self.factors.kl()
+            kl_b = self.intercept.kl() if self.intercept is not None else mf.new_zeros(())
+        self._fixed = {"moments": (mf, vf, mb, vb), "kl": (kl_f, kl_b)}
+        try:
+            yield
+        finally:
+            self._fixed = None
 
     def eta_moments(
         self, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
@@ -199,9 +222,13 @@ class SparseFactorModel(torch.nn.Module):
                 x, mean, var, log_s, expectation, generator, rows, cols
             )
             total = (ll if mask is None else ll * mask).sum()
-        kl_b = self.intercept.kl() if self.intercept is not None else total.new_zeros(())
         kl_l = self.loadings.kl(batch, sparse=self.sparse_rows)
-        return ELBOTerms(scale * total, scale * kl_l, self.factors.kl(), kl_b)
+        if self._fixed is not None:
+            kl_f, kl_b = self._fixed["kl"]
+        else:
+            kl_f = self.factors.kl()
+            kl_b = self.intercept.kl() if self.intercept is not None else total.new_zeros(())
+        return ELBOTerms(scale * total, scale * kl_l, kl_f, kl_b)
 
     @torch.no_grad()
     def sample_eta(

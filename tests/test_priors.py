@@ -140,3 +140,50 @@ def test_spike_update_is_finite_where_every_pip_rounds_to_one_or_zero(name):
     logit = family.prior_logit.detach().double().numpy()
     assert np.isfinite(logit).all()
     np.testing.assert_allclose(logit, [40.0, -40.0, 0.0], atol=1e-4)
+
+
+def test_point_normal_posterior_start_is_the_normal_means_posterior():
+    """New rows start at the exact posterior of theta given v ~ N(theta, 1/P) under the
+    current point-normal prior (scipy oracle: the marginal densities of v)."""
+    family = PointNormal(4, 2)
+    pi, tau = np.array([0.3, 0.8]), np.array([0.5, 4.0])
+    with torch.no_grad():
+        family.prior_logit.copy_(torch.as_tensor(np.log(pi / (1 - pi))))
+        family.prior_log_prec.copy_(torch.as_tensor(np.log(tau)))
+    v = np.array([[0.0, 0.1], [1.5, -0.7], [-3.0, 2.0], [0.4, 0.0]])
+    prec = np.array([[2.0, 9.0], [2.0, 9.0], [0.5, 30.0], [0.0, 1.0]])
+    family.start_posterior_(v, prec)
+    post = family.posterior()
+    informed = prec > 0
+    p_safe = np.where(informed, prec, 1.0)
+    slab = pi * stats.norm.pdf(v, 0.0, np.sqrt(1 / tau + 1 / p_safe))
+    spike = (1 - pi) * stats.norm.pdf(v, 0.0, np.sqrt(1 / p_safe))
+    want_pip = np.where(informed, slab / (slab + spike), pi)
+    np.testing.assert_allclose(post.pip, want_pip, rtol=1e-5)
+    np.testing.assert_allclose(post.slab_mean, prec * v / (prec + tau), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(post.slab_sd, 1 / np.sqrt(prec + tau), rtol=1e-5)
+
+
+def test_fixed_globals_gives_the_same_terms_and_gradients():
+    """Fitting rows with the factors' moments and KL cached gives the terms and the
+    loadings' gradients of the uncached model."""
+    torch.manual_seed(0)
+    lik = Poisson(link="exp")
+    lik.initialize(np.ones(7), np.ones(7))
+    model = SparseFactorModel(6, 7, 2, lik).double()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))
+    x = torch.poisson(torch.full((6, 7), 2.0)).double()
+
+    def terms_and_grad():
+        model.zero_grad()
+        terms = model.elbo_terms(x, None, None, None)
+        terms.elbo.backward()
+        return terms.stacked(), model.loadings.mean.grad.clone()
+
+    want = terms_and_grad()
+    with model.fixed_globals():
+        got = terms_and_grad()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -14,7 +14,8 @@ empirical Bayes, together with the fully factorised variational posterior
   ``q`` (the hyperparameters are also learned by gradient with the ELBO);
 * ``posterior`` -- summaries (:class:`spfa.posterior.Posterior`): mean, sd,
   lfsr, credible intervals, PIP where the family has a point mass;
-* ``start_prior_`` / ``start_`` -- a start from a point estimate;
+* ``start_prior_`` / ``start_`` -- a start from a point estimate, and
+  ``start_posterior_`` -- new rows' start at the normal-means posterior where known;
 * its saved state: the module's ``state_dict``.
 
 ``draw`` and ``log_density`` give draws of the latent variables and their log
@@ -188,6 +189,20 @@ class PriorFamily(torch.nn.Module):
         rows : array of int, optional
         """
         raise NotImplementedError
+
+    def start_posterior_(self, values: np.ndarray, precision: np.ndarray, rows=None) -> None:
+        """Set ``q`` of all rows (or of ``rows``) to the family's posterior under the
+        current prior given ``values`` observed with ``precision`` (the normal-means
+        problem), where it has one in closed form; by default :meth:`start_`.
+
+        Starts new rows (``transform``, ``score``) nearer their optimum.
+
+        Parameters
+        ----------
+        values, precision, rows
+            As in :meth:`start_`; ``precision`` excludes the prior's.
+        """
+        self.start_(values, precision, rows)
 
     def update_prior_(self) -> None:
         """The empirical-Bayes update: ``g`` that minimises ``sum KL(q || g)`` given ``q``."""

@@ -123,6 +123,27 @@ class PointNormal(PointMassFamily):
         self.log_prec[index] = torch.log(as_tensor_like(precision, self.log_prec) + tau)
 
     @torch.no_grad()
+    def start_posterior_(self, values, precision, rows=None):
+        """The normal-means posterior of each entry given ``values`` observed with
+        ``precision`` ``P``: slab precision ``P + tau``, slab mean ``P v / (P + tau)``,
+        and inclusion log-odds ``logit(pi)`` plus the log Bayes factor
+        ``log N(v; 0, 1/tau + 1/P) - log N(v; 0, 1/P)``; an entry with ``P = 0``
+        starts at the prior."""
+        index = self._index(rows)
+        tau = torch.exp(self.prior_log_prec)
+        v = as_tensor_like(values, self.mean)
+        data_prec = as_tensor_like(precision, self.log_prec).expand_as(v)
+        prec = data_prec + tau
+        informed = data_prec > 0
+        safe = torch.where(informed, data_prec, torch.ones_like(data_prec))
+        log_bf = normal_logpdf(v, 0.0, 0.5 * torch.log(1.0 / tau + 1.0 / safe)) - normal_logpdf(
+            v, 0.0, -0.5 * torch.log(safe)
+        )
+        self.mean[index] = data_prec * v / prec
+        self.log_prec[index] = torch.log(prec)
+        self.logits[index] = self.prior_logit + torch.where(informed, log_bf, 0.0)
+
+    @torch.no_grad()
     def update_prior_(self):
         alpha = self._update_spike_()
         second = alpha * (self.mean**2 + torch.exp(-self.log_prec))
