@@ -241,6 +241,12 @@ class Likelihood(torch.nn.Module):
         eta, weights = expectation.points(eta_mean, eta_var, generator)
         return (weights * self.log_prob(x, eta, log_s, rows, cols)).sum(0)
 
+    @property
+    def closed_form(self) -> bool:
+        """Whether :meth:`expected_log_prob` is exact whatever the rule (no Monte Carlo
+        noise in the ELBO); False by default."""
+        return False
+
     def grid_expected_log_prob(self, x, mask, eta, log_s, cache=None, rows=None):
         """``sum_ij mask_ij E_q[log p(x_ij | eta_ij)]`` over a grid, from ``eta`` in
         factored form, or None to have it summed from :meth:`expected_log_prob`.

@@ -58,6 +58,8 @@ class Gaussian(Likelihood):
         var = self.per_feature(self.noise_variance, cols)
         return -0.5 * (LOG_2PI + torch.log(var) + (x - eta) ** 2 / var)
 
+    closed_form = True
+
     def expected_log_prob(
         self, x, eta_mean, eta_var, log_s, expectation, generator=None, rows=None, cols=None
     ):

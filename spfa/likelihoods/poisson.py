@@ -46,6 +46,10 @@ class Poisson(Likelihood):
         log_mu = eta_mean if log_s is None else eta_mean + log_s
         return x * log_mu - torch.exp(log_mu + 0.5 * eta_var) - torch.lgamma(x + 1.0)
 
+    @property
+    def closed_form(self) -> bool:
+        return isinstance(self.link, Exp)
+
     def grid_expected_log_prob(self, x, mask, eta, log_s, cache=None, rows=None):
         """Under the exp link, the closed form summed without the grids of ``E[eta]`` and
         ``V[eta]``: ``sum x E[eta]`` as ``sum (x E[F]) * E[L] + colsums(x) E[b]``,
