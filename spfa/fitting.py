@@ -25,7 +25,7 @@ from ._convert import to_numpy
 from ._validation import dense_rows
 from .data import RowBatches
 from .expectation import Expectation, get_expectation
-from .initialization import initialize, working_response, working_weights
+from .initialization import initialize, initialize_streamed, working_response, working_weights
 from .likelihoods import Likelihood
 from .model import SparseFactorModel
 from .monitor import Monitor
@@ -178,14 +178,53 @@ def _start_block(X, s, likelihood, k, rng):
     return rows, x, mask, s_rows
 
 
+def _row_blocks(X, s, likelihood, block_rows: int):
+    """``blocks()`` for :func:`spfa.initialization.initialize_streamed`: consecutive
+    blocks of ``block_rows`` rows, dense, with the zeros masked for a likelihood of
+    the non-zero entries."""
+
+    def blocks():
+        n = X.shape[0]
+        for a in range(0, n, block_rows):
+            rows = slice(a, min(a + block_rows, n))
+            x, mask = dense_rows(X, rows)
+            if not likelihood.observes_zeros:
+                mask = ((x != 0) & (mask is None or mask > 0)).astype(np.float64)
+            yield rows, x, mask, None if s is None else s[rows]
+
+    return blocks
+
+
 def compute_start(model, X, s, settings: FitSettings, rng, start=None):
     """The start's point estimates (:func:`spfa.initialization.initialize`) from the
     data, or from given means ``start = (L0, F0)``; returns ``(init, rows)`` where
-    ``rows`` is the subset of rows the SVD saw (None: all)."""
+    ``rows`` is the subset of rows the SVD saw (None: all).
+
+    Data of more than one block of rows (``INIT_ENTRIES`` entries, and at most
+    ``batch_size`` rows in minibatch training) are started block by block
+    (:func:`spfa.initialization.initialize_streamed`), so that the start takes
+    no more memory than training does.
+    """
     likelihood = model.likelihood
+    nonnegative = tuple(f.support == "nonnegative" for f in (model.loadings, model.factors))
+    n, p = X.shape
+    block = max(1, INIT_ENTRIES // p)
+    if settings.batch_size is not None:
+        block = min(block, settings.batch_size)
+    if start is None and n > block:
+        init = initialize_streamed(
+            _row_blocks(X, s, likelihood, block),
+            n,
+            p,
+            settings.n_components,
+            likelihood,
+            settings.fit_intercept,
+            rng,
+            nonnegative=nonnegative,
+        )
+        return init, None
     sub, x0, mask0, s0 = _start_block(X, s, likelihood, settings.n_components, rng)
     start0 = start if start is None or sub is None else (start[0][sub], start[1])
-    nonnegative = tuple(f.support == "nonnegative" for f in (model.loadings, model.factors))
     init = initialize(
         x0,
         mask0,

@@ -20,7 +20,7 @@ from sklearn.utils.extmath import randomized_svd
 
 from .likelihoods import Likelihood
 
-__all__ = ["Start", "initialize"]
+__all__ = ["Start", "initialize", "initialize_streamed"]
 
 
 @dataclass
@@ -99,17 +99,7 @@ def initialize(
     feature_mean = (obs * x).sum(0) / np.maximum((obs * s[:, None]).sum(0), 1e-300)
     feature_var = (obs * (y - feature_mean) ** 2).sum(0) / n_obs
 
-    if fit_intercept:
-        if likelihood.link.positive:
-            # half a count over the feature keeps h^{-1} finite for all-zero features
-            floor = 0.5 / np.maximum((obs * s[:, None]).sum(0), 1.0)
-            eta0 = link.inverse(np.maximum(feature_mean, floor))
-        else:
-            eta0 = link.inverse(feature_mean)
-    else:
-        eta0 = np.zeros(p)
-    mu0 = link(torch.as_tensor(eta0, dtype=torch.float64)).numpy()
-    slope = link.derivative(eta0)
+    eta0, mu0, slope = _baseline(link, feature_mean, (obs * s[:, None]).sum(0), fit_intercept, p)
 
     likelihood.initialize(feature_mean, feature_var)
     # a free noise variance is not known before the low-rank fit: unweighted SVD
@@ -144,22 +134,151 @@ def initialize(
         # the free noise variance, now learned from the residual, weights the precisions
         w = working_weights(likelihood, mu0, slope)
 
-    intercept = None
-    if fit_intercept:
-        tau = 1.0 / max(float(np.var(eta0)), 1e-2)
-        intercept = {
-            "mean": eta0,
-            "log_var": -np.log(w * obs.sum(0) + tau),
-            "prior_mean": np.asarray(np.mean(eta0)),
-            "prior_log_prec": np.asarray(np.log(tau)),
-        }
     return Start(
         loadings=l0,
         factors=f0,
         loadings_precision=(w[None, :] * obs) @ (f0**2),
         factors_precision=w[:, None] * (obs.T @ (l0**2)),
-        intercept=intercept,
+        intercept=_intercept(eta0, w, obs.sum(0)) if fit_intercept else None,
     )
+
+
+def _orthonormal(a: np.ndarray) -> np.ndarray:
+    return np.linalg.qr(a)[0]
+
+
+def initialize_streamed(
+    blocks,
+    n: int,
+    p: int,
+    n_components: int,
+    likelihood: Likelihood,
+    fit_intercept: bool,
+    random_state: np.random.RandomState,
+    nonnegative: tuple[bool, bool] = (False, False),
+    n_power_iter: int = 2,
+    oversample: int = 10,
+) -> Start:
+    """:func:`initialize` over blocks of rows: no array larger than one block's
+    ``(rows, p)`` or than ``(n + p) x (k + oversample)`` is formed.
+
+    The same start, with the weighted SVD of the working residual computed by a
+    randomised range finder (Halko, Martinsson & Tropp 2011) whose products with
+    the residual are accumulated block by block, ``n_power_iter`` power
+    iterations: ``2 n_power_iter + 5`` passes over the data in all.
+
+    Parameters
+    ----------
+    blocks : callable
+        ``blocks()`` iterates over ``(rows, x, mask, s)``: a slice of rows in
+        order, their dense data (missing entries at 0), mask (or None) and size
+        factors (or None); together the blocks cover every row once.
+    n, p : int
+        Shape of the data.
+    n_components, likelihood, fit_intercept, random_state, nonnegative
+        As in :func:`initialize` (the data are never given whole).
+    """
+    link = likelihood.link
+    k = n_components
+
+    def each():
+        for rows, x, mask, s in blocks():
+            size = np.ones((x.shape[0], 1)) if s is None else np.asarray(s, float)[:, None]
+            obs = np.ones_like(x) if mask is None else mask
+            yield rows, x, obs, size
+
+    # pass 1: per-feature mean and variance of x / s over observed entries
+    sum_x, sum_s, n_obs, sum_y, sum_yy = (np.zeros(p) for _ in range(5))
+    for _, x, obs, size in each():
+        y = x / size
+        sum_x += (obs * x).sum(0)
+        sum_s += (obs * size).sum(0)
+        n_obs += obs.sum(0)
+        sum_y += (obs * y).sum(0)
+        sum_yy += (obs * y**2).sum(0)
+    counts, n_obs = n_obs, np.maximum(n_obs, 1.0)
+    feature_mean = sum_x / np.maximum(sum_s, 1e-300)
+    feature_var = np.maximum(sum_yy - 2 * feature_mean * sum_y + feature_mean**2 * n_obs, 0.0)
+    feature_var = feature_var / n_obs
+    eta0, mu0, slope = _baseline(link, feature_mean, sum_s, fit_intercept, p)
+    likelihood.initialize(feature_mean, feature_var)
+    w = working_weights(likelihood, mu0, slope) if likelihood.variance_from_mean else np.ones(p)
+    root_w = np.sqrt(w)
+
+    def residual(x, obs, size):  # the weighted working residual of a block
+        return obs * working_response(link, x / size, mu0, eta0, slope) * root_w
+
+    # randomised range finder of the weighted residual A, block by block
+    width = min(k + oversample, n, p)
+    omega = random_state.normal(size=(p, width))
+
+    def times(right):  # A @ right, (n, width)
+        out = np.empty((n, right.shape[1]))
+        for rows, x, obs, size in each():
+            out[rows] = residual(x, obs, size) @ right
+        return out
+
+    def transposed_times(left):  # A^T @ left, (p, width)
+        out = np.zeros((p, left.shape[1]))
+        for rows, x, obs, size in each():
+            out += residual(x, obs, size).T @ left[rows]
+        return out
+
+    q = _orthonormal(times(omega))
+    for _ in range(n_power_iter):
+        q = _orthonormal(times(_orthonormal(transposed_times(q))))
+    u_b, sv, vt = np.linalg.svd(transposed_times(q).T, full_matrices=False)
+    u, sv, vt = (q @ u_b)[:, :k], sv[:k], vt[:k]
+    l0 = u * np.sqrt(sv)
+    f0 = (vt.T * np.sqrt(sv)) / root_w[:, None]
+    if any(nonnegative):
+        l0, f0 = _nonnegative_signs(l0, f0, nonnegative)
+
+    # last passes: residual variance on the data scale, then the precisions
+    resid_ss, l0_sq = np.zeros(p), np.zeros((p, k))
+    for rows, x, obs, size in each():
+        resid = obs * ((x / size - mu0) - (l0[rows] @ f0.T) * slope)
+        resid_ss += (resid**2).sum(0)
+        l0_sq += obs.T @ l0[rows] ** 2
+    likelihood.initialize(feature_mean, resid_ss / n_obs)
+    if not likelihood.variance_from_mean:
+        w = working_weights(likelihood, mu0, slope)
+    loadings_precision = np.empty((n, k))
+    for rows, _, obs, _ in each():
+        loadings_precision[rows] = obs @ (w[:, None] * f0**2)
+    return Start(
+        loadings=l0,
+        factors=f0,
+        loadings_precision=loadings_precision,
+        factors_precision=w[:, None] * l0_sq,
+        intercept=_intercept(eta0, w, counts) if fit_intercept else None,
+    )
+
+
+def _baseline(link, feature_mean, sum_s, fit_intercept: bool, p: int):
+    """The intercept-only fit ``eta0`` and ``h(eta0)``, ``h'(eta0)``, ``(p,)`` each."""
+    if fit_intercept:
+        if link.positive:
+            # half a count over the feature keeps h^{-1} finite for all-zero features
+            floor = 0.5 / np.maximum(sum_s, 1.0)
+            eta0 = link.inverse(np.maximum(feature_mean, floor))
+        else:
+            eta0 = link.inverse(feature_mean)
+    else:
+        eta0 = np.zeros(p)
+    mu0 = link(torch.as_tensor(eta0, dtype=torch.float64)).numpy()
+    return eta0, mu0, link.derivative(eta0)
+
+
+def _intercept(eta0, w, n_obs) -> dict:
+    """The intercept's start: ``q(b)`` at ``eta0`` with its data precision, and the prior."""
+    tau = 1.0 / max(float(np.var(eta0)), 1e-2)
+    return {
+        "mean": eta0,
+        "log_var": -np.log(w * n_obs + tau),
+        "prior_mean": np.asarray(np.mean(eta0)),
+        "prior_log_prec": np.asarray(np.log(tau)),
+    }
 
 
 def working_response(link, y, mu0, eta0, slope) -> np.ndarray:
