@@ -185,11 +185,16 @@ class RowBatches:
             model, self.log_s, expectation, generator, float(self.n_batches)
         )
 
-    def total_terms(self, model, expectation, generator) -> ELBOTerms:
-        """The whole ELBO, summed over every batch (call under ``torch.no_grad()``)."""
+    def total_terms(self, model, expectation, generator, n_batches=None) -> ELBOTerms:
+        """The whole ELBO, summed over every batch (call under ``torch.no_grad()``);
+        with ``n_batches``, estimated from the first ``n_batches`` batches of the fixed
+        partition (a random subset of rows), their rows' terms scaled to all rows."""
+        used = range(self.n_batches if n_batches is None else n_batches)
         err = kl_l = 0.0
-        for batch in self:
-            terms = batch.terms(model, self.log_s, expectation, generator, 1.0)
+        for i in used:
+            terms = self.batch(i).terms(model, self.log_s, expectation, generator, 1.0)
             err, kl_l = err + terms.err, kl_l + terms.kl_l
+        seen = sum(self.bounds[i][1] - self.bounds[i][0] for i in used)
+        scale = self.shape[0] / seen
         # the factors' and intercept's KL do not depend on the batch: counted once
-        return ELBOTerms(err, kl_l, terms.kl_f, terms.kl_b)
+        return ELBOTerms(scale * err, scale * kl_l, terms.kl_f, terms.kl_b)

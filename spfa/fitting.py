@@ -47,6 +47,11 @@ logger = logging.getLogger(__name__)
 N_SCORE_SAMPLES = 32
 #: most sampled linear-predictor entries (draws x n x p) per pruning evaluation
 PRUNE_BUDGET = 2**25
+#: most entries a pruning evaluation of a minibatch fit visits: beyond them it sees a
+#: fixed random subset of the batches (the same for every evaluation: paired), its
+#: rows' terms scaled to all rows. At 20,000 x 2,000 (batch 128) pruning took 13-14 %
+#: of the fit with every row
+PRUNE_ENTRIES = 2**23
 #: most entries (rows x p) made dense at once: the initial SVD sees a random subset of
 #: rows beyond this, and row-wise work (projections, summaries) runs in chunks of it
 INIT_ENTRIES = 2**24
@@ -489,13 +494,20 @@ def paired_elbo(data: RowBatches, model, settings: FitSettings):
     """A function evaluating the ELBO with common random numbers (fixed seed).
 
     Differences of its values between two settings of ``active`` are paired
-    comparisons, free of most Monte Carlo noise (quadrature has none).
+    comparisons, free of most Monte Carlo noise (quadrature has none). A
+    minibatch fit of more than ``PRUNE_ENTRIES`` entries is evaluated on a fixed
+    random subset of its batches, scaled to all rows.
     """
-    rule = settings.rule(max(1, min(N_SCORE_SAMPLES, PRUNE_BUDGET // data.n_evaluated)))
+    used = data.n_batches
+    if data.n_batches > 1:  # minibatches: a fixed random subset of them beyond the budget
+        per_batch = data.n_evaluated / data.n_batches
+        used = int(min(data.n_batches, max(1, PRUNE_ENTRIES // per_batch)))
+    evaluated = data.n_evaluated * used / data.n_batches
+    rule = settings.rule(max(1, min(N_SCORE_SAMPLES, int(PRUNE_BUDGET // evaluated))))
 
     def elbo() -> float:
         with torch.no_grad():
-            terms = data.total_terms(model, rule, settings.generator(0))
+            terms = data.total_terms(model, rule, settings.generator(0), used)
         return float(terms.elbo)
 
     return elbo

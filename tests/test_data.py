@@ -61,6 +61,28 @@ def test_sparse_and_dense_batches_hold_the_same_data(counts, entries):
     assert sorted(torch.cat(seen).tolist()) == list(range(counts.shape[0]))
 
 
+def test_elbo_from_a_subset_of_batches_is_scaled_to_all_rows():
+    """Pruning's evaluation on the first batches of the fixed partition scales their rows'
+    terms to all rows: exact where every row is the same (one row repeated), and
+    the whole ELBO when every batch is used."""
+    row = simulate("poisson", n=1, p=30, seed=2).x
+    x = np.repeat(row, 40, axis=0)
+    model = _model(40, 30)
+    with torch.no_grad():  # every row the same q(L), so every row the same terms
+        for prm in model.loadings.variational_parameters():
+            prm.copy_(prm[:1].expand_as(prm))
+    data = RowBatches(x, None, 8, entries=False, device=CPU, seed=0)
+    rule = GaussHermite(8)
+    with torch.no_grad():
+        whole = data.total_terms(model, rule, None)
+        part = data.total_terms(model, rule, None, 2)
+        every = data.total_terms(model, rule, None, data.n_batches)
+        one = RowBatches(x, None, None, entries=False, device=CPU, seed=0)
+        single = one.total_terms(model, rule, None)
+    for got in (part, every, whole):
+        torch.testing.assert_close(got.stacked(), single.stacked(), rtol=1e-5, atol=1e-3)
+
+
 def test_float32_sparse_input_is_neither_copied_nor_widened(counts):
     from spfa._validation import check_data
 
