@@ -3,7 +3,7 @@
 The project's one speed benchmark. Every method is fitted in this process, one
 after the other, on the same data; a small untimed spfa fit (``fit``,
 ``transform`` and ``score`` of a 50 x 50 simulation, 5 iterations) comes first so
-that no timed method pays torch's one-off start-up. Two kinds of data:
+that no timed method pays torch's one-off start-up. Three kinds of data:
 
 * **real counts**: each data set of ``simulations/real_data.py`` (``pip install
   -e .[bench]``), cut to its ``--n-genes`` genes of largest total count and split
@@ -21,6 +21,14 @@ that no timed method pays torch's one-off start-up. Two kinds of data:
   Score: relative error ``||mean - E[x]||_F / ||E[x]||_F`` of the fitted mean
   against the true mean over all entries (:func:`spfa.evaluation.relative_error`,
   the benchmark's error).
+
+* **a minibatch fit**: sparse Poisson counts with size factors
+  (:func:`spfa.simulate.simulate_sparse_counts`, the scale benchmark's design) at
+  ``--minibatch-n`` x ``--minibatch-p`` (20,000 x 2,000) with ``--batch-size`` 128, by
+  spfa with its defaults and with ``MATCHED_FIT``: seconds of the start, training and
+  pruning, pruning's share of the fit, the start's peak numpy memory
+  (``tracemalloc``) against one batch's dense float32 block, the factors kept and the
+  error of the fitted mean on 2,000 random rows.
 
 Methods (``--methods``):
 
@@ -42,19 +50,21 @@ never dropped. Writes ``<out>/speed.json`` and ``<out>/speed.md``.
     python -m simulations.speed [--datasets pbmc68k_reduced celltypist_sample]
         [--k 10] [--n-genes 2000] [--sim-n 5000] [--sim-p 2000] [--seed 0]
         [--methods spfa nmf_kl glmpca mofa+] [--spfa-params key=value,...]
-        [--out runs/speed]
+        [--minibatch-n 20000] [--minibatch-p 2000] [--batch-size 128] [--out runs/speed]
 
-``--datasets`` with no names (or ``--sim-n 0``) leaves out the real counts (the
-simulation).
+``--datasets`` with no names (or ``--sim-n 0``, ``--minibatch-n 0``) leaves out the
+real counts (the simulation, the minibatch fit).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
 import traceback
+import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -67,7 +77,7 @@ from simulations.peers import PEERS, NotApplicable, NotInstalled
 from simulations.real_counts import MEAN_FLOOR, heldout_poisson, parse_variant, prepare
 from spfa import SparseFactorAnalysis
 from spfa.evaluation import relative_error
-from spfa.simulate import MATCHED_FIT, simulate
+from spfa.simulate import MATCHED_FIT, simulate, simulate_sparse_counts
 
 logger = logging.getLogger("simulations.speed")
 
@@ -232,6 +242,107 @@ def run_simulation(args, params: dict) -> tuple[dict, list[dict]]:
     return info, run.finish()
 
 
+@contextlib.contextmanager
+def _phases(record: dict):
+    """Time the fit's phases (:mod:`spfa.fitting`'s start, training and pruning) and
+    trace the start's peak numpy memory (``tracemalloc``) while the block runs."""
+    import spfa.fitting as fitting
+
+    names = ("compute_start", "apply_start", "_train", "prune_and_rank")
+    originals = {name: getattr(fitting, name) for name in names}
+
+    def wrap(name):
+        def timed(*args, **kwargs):
+            start = name in ("compute_start", "apply_start")
+            if start:
+                tracemalloc.start()
+            t0 = time.perf_counter()
+            try:
+                return originals[name](*args, **kwargs)
+            finally:
+                record[name] = record.get(name, 0.0) + time.perf_counter() - t0
+                if start:
+                    peak = tracemalloc.get_traced_memory()[1] / 2**20
+                    tracemalloc.stop()
+                    record["start_peak_mib"] = max(record.get("start_peak_mib", 0.0), peak)
+
+        return timed
+
+    for name in names:
+        setattr(fitting, name, wrap(name))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(fitting, name, fn)
+
+
+def run_minibatch(args, params: dict) -> tuple[dict, list[dict]]:
+    """A minibatch fit of sparse counts (:func:`spfa.simulate.simulate_sparse_counts`,
+    the scale benchmark's design): where its time goes, and the start's memory."""
+    n, p, k, b = args.minibatch_n, args.minibatch_p, args.k, args.batch_size
+    sim = simulate_sparse_counts(n, p, k, seed=args.seed)
+    rows = np.sort(np.random.default_rng(args.seed).choice(n, min(n, 2000), replace=False))
+    truth = sim.mean(rows)
+    name = f"minibatch {n} x {p}"
+    info = {
+        "dataset": name,
+        "kind": "minibatch",
+        "n_cells": n,
+        "n_genes": p,
+        "batch_size": b,
+        "density": sim.x.nnz / (n * p),
+        "batch_block_mib": b * p * 4 / 2**20,
+    }
+    out = []
+    for method, kw in (("spfa", params), ("spfa matched", {**MATCHED_FIT, **params})):
+        record: dict = {}
+        est = SparseFactorAnalysis(k, batch_size=b, random_state=args.seed, **kw)
+        with warnings.catch_warnings(), _phases(record):
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            _, seconds = _timed(lambda est=est: est.fit(sim.x, size_factors=sim.size_factors))
+        fitted = est.inverse_transform(est.loadings_[rows]) * sim.size_factors[rows, None]
+        start = record.get("compute_start", 0.0) + record.get("apply_start", 0.0)
+        row = {
+            "dataset": name,
+            "method": method,
+            "status": "ok",
+            "note": "",
+            "seconds": seconds,
+            "passes": int(est.n_iter_),
+            "start_seconds": start,
+            "train_seconds": record.get("_train", 0.0),
+            "prune_seconds": record.get("prune_and_rank", 0.0),
+            "prune_share": record.get("prune_and_rank", 0.0) / seconds,
+            "start_peak_mib": record.get("start_peak_mib", float("nan")),
+            "n_effective": int(est.n_effective_components_),
+            "error": float(np.linalg.norm(fitted - truth) / np.linalg.norm(truth)),
+        }
+        logger.info(f"  {method:<16} {row['error']:8.4f} {seconds:8.1f} s")
+        out.append(row)
+    return info, out
+
+
+def minibatch_table(info: dict, rows: list[dict]) -> str:
+    lines = [
+        f"**{info['dataset']}** (batch_size {info['batch_size']}, "
+        f"{100 * info['density']:.1f} % non-zero; one batch's dense float32 block "
+        f"{info['batch_block_mib']:.2f} MiB)",
+        "",
+        "| method | fit s | passes | start s | start peak MiB | train s | pruning s "
+        "| pruning / fit | kept | error (2,000 rows) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['method']} | {row['seconds']:.1f} | {row['passes']} "
+            f"| {row['start_seconds']:.1f} | {row['start_peak_mib']:.0f} "
+            f"| {row['train_seconds']:.1f} | {row['prune_seconds']:.1f} "
+            f"| {row['prune_share']:.1%} | {row['n_effective']} | {row['error']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(row, key, spec):
     value = row.get(key)
     if value is None or (isinstance(value, float) and np.isnan(value)):
@@ -277,6 +388,11 @@ def main(argv=None):
     parser.add_argument("--n-genes", type=int, default=2000, help="top genes by total count")
     parser.add_argument("--sim-n", type=int, default=5000, help="simulated cells (0: none)")
     parser.add_argument("--sim-p", type=int, default=2000, help="simulated genes")
+    parser.add_argument(
+        "--minibatch-n", type=int, default=20000, help="cells of the minibatch fit (0: none)"
+    )
+    parser.add_argument("--minibatch-p", type=int, default=2000, help="its genes")
+    parser.add_argument("--batch-size", type=int, default=128, help="its batch_size")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the fits")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument(
@@ -305,6 +421,12 @@ def main(argv=None):
         info, mine = run_simulation(args, params)
         infos.append(info)
         rows += mine
+    extra = []
+    if args.minibatch_n > 0 and "spfa" in args.methods:
+        info, mine = run_minibatch(args, params)
+        extra.append(minibatch_table(info, mine))
+        infos.append(info)
+        rows += mine
     header = (
         f"Fit seconds in one process (after an untimed warm-up), k = {args.k}, "
         f"seed {args.seed}, spfa parameters: {params or 'defaults'}; "
@@ -312,7 +434,12 @@ def main(argv=None):
     )
     text = "\n".join(
         [header]
-        + [table(info, [r for r in rows if r["dataset"] == info["dataset"]]) for info in infos]
+        + [
+            table(info, [r for r in rows if r["dataset"] == info["dataset"]])
+            for info in infos
+            if info.get("kind") != "minibatch"
+        ]
+        + extra
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -106,10 +106,20 @@ def test_speed_smoke(tmp_path, caplog):
     rows = speed.main(
         ["--datasets", *names[:1], "--n-genes", "60", "--sim-n", "200", "--sim-p", "100"]
         + ["--k", "2", "--methods", "spfa", "nmf_kl", "--spfa-params", "max_iter=20"]
+        + ["--minibatch-n", "300", "--minibatch-p", "80", "--batch-size", "50"]
         + ["--out", str(tmp_path)]
     )
+    mini = [r for r in rows if r["dataset"].startswith("minibatch")]
+    rows = [r for r in rows if not r["dataset"].startswith("minibatch")]
     sim = [r for r in rows if r["dataset"].startswith("simulation")]
     real = [r for r in rows if not r["dataset"].startswith("simulation")]
+    # the minibatch fit's phases: start (with its traced memory), training, pruning
+    assert [r["method"] for r in mini] == ["spfa", "spfa matched"]
+    for r in mini:
+        assert r["passes"] <= 20 and 0 < r["error"] < 1 and r["start_peak_mib"] > 0
+        parts = r["start_seconds"] + r["train_seconds"] + r["prune_seconds"]
+        assert 0 < r["prune_seconds"] and parts <= r["seconds"]
+        assert np.isclose(r["prune_share"], r["prune_seconds"] / r["seconds"])
     assert [r["method"] for r in sim] == ["spfa", "spfa matched", "nmf_kl"]
     assert [r["method"] for r in real] == (["spfa", "nmf_kl"] if names else [])
     assert all(r["status"] == "ok" and r["seconds"] > 0 for r in rows)
@@ -123,10 +133,12 @@ def test_speed_smoke(tmp_path, caplog):
         else:
             assert "transform_seconds" not in row
     saved = json.loads((tmp_path / "speed.json").read_text())
-    assert saved["settings"]["spfa_params"] == "max_iter=20" and len(saved["rows"]) == len(rows)
+    assert saved["settings"]["spfa_params"] == "max_iter=20"
+    assert len(saved["rows"]) == len(rows) + len(mini)
     text = (tmp_path / "speed.md").read_text()
     assert text.count("| method | fit s | / nmf_kl |") == 1 + len(names[:1])
     assert "| spfa matched |" in text and "wrote" in caplog.text
+    assert "start peak MiB" in text and "pruning / fit" in text
 
 
 def test_best_rank_svd_error_picks_the_rank_closest_to_the_truth():
