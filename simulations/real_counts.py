@@ -234,7 +234,8 @@ def run_dataset(name: str, args) -> tuple[dict, list[dict]]:
     return info, rows
 
 
-def _fmt(row, key, spec):
+def fmt(row, key, spec):
+    """``row[key]`` formatted by ``spec`` for a markdown table; empty if missing or NaN."""
     value = row.get(key)
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return ""
@@ -265,11 +266,11 @@ def table(infos: list[dict], rows: list[dict], args) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        loglik = _fmt(row, "loglik", ".4f") if row["status"] == "ok" else row["status"]
+        loglik = fmt(row, "loglik", ".4f") if row["status"] == "ok" else row["status"]
         lines.append(
-            f"| {row['dataset']} | {row['method']} | {loglik} | {_fmt(row, 'vs_null', '+.4f')} "
-            f"| {_fmt(row, 'seconds', '.1f')} | {_fmt(row, 'n_effective', 'd')} "
-            f"| {_fmt(row, 'pip_share', '.3f')} | {_fmt(row, 'top_abundant', '.2f')} "
+            f"| {row['dataset']} | {row['method']} | {loglik} | {fmt(row, 'vs_null', '+.4f')} "
+            f"| {fmt(row, 'seconds', '.1f')} | {fmt(row, 'n_effective', 'd')} "
+            f"| {fmt(row, 'pip_share', '.3f')} | {fmt(row, 'top_abundant', '.2f')} "
             f"| {row['note']} |"
         )
     return "\n".join(lines) + "\n"

@@ -74,7 +74,13 @@ from sklearn.exceptions import ConvergenceWarning
 from simulations import real_data
 from simulations.benchmark import LARGE
 from simulations.peers import PEERS, NotApplicable, NotInstalled
-from simulations.real_counts import MEAN_FLOOR, heldout_poisson, parse_variant, prepare
+from simulations.real_counts import (
+    MEAN_FLOOR,
+    fmt,
+    heldout_poisson,
+    parse_variant,
+    prepare,
+)
 from spfa import SparseFactorAnalysis
 from spfa.evaluation import relative_error
 from spfa.simulate import MATCHED_FIT, simulate, simulate_sparse_counts
@@ -343,13 +349,6 @@ def minibatch_table(info: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(row, key, spec):
-    value = row.get(key)
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return ""
-    return f"{value:{spec}}"
-
-
 def table(info: dict, rows: list[dict]) -> str:
     """One markdown table of a data set."""
     sim = info.get("kind") == "simulation"
@@ -365,13 +364,13 @@ def table(info: dict, rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        value = _fmt(row, "error" if sim else "loglik", ".4f")
+        value = fmt(row, "error" if sim else "loglik", ".4f")
         value = value if row["status"] == "ok" else row["status"]
         lines.append(
-            f"| {row['method']} | {_fmt(row, 'seconds', '.2f')} "
-            f"| {_fmt(row, 'vs_reference', '.2f')} | {value} | {_fmt(row, 'n_iter', 'd')} "
-            f"| {_fmt(row, 'transform_seconds', '.2f')} | {_fmt(row, 'score_seconds', '.2f')} "
-            f"| {_fmt(row, 'transform_share', '.0%')} | {_fmt(row, 'score_share', '.0%')} "
+            f"| {row['method']} | {fmt(row, 'seconds', '.2f')} "
+            f"| {fmt(row, 'vs_reference', '.2f')} | {value} | {fmt(row, 'n_iter', 'd')} "
+            f"| {fmt(row, 'transform_seconds', '.2f')} | {fmt(row, 'score_seconds', '.2f')} "
+            f"| {fmt(row, 'transform_share', '.0%')} | {fmt(row, 'score_share', '.0%')} "
             f"| {row['note']} |"
         )
     return "\n".join(lines) + "\n"
