@@ -102,7 +102,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         False for a factor pruned after training; pruned factors come last.
     n_effective_components_ : int
     elbo_contribution_ : ndarray of shape (n_components,)
-        ELBO lost (nats) without each factor; factors are ordered by it.
+        ELBO lost (nats) without each factor; factors are ordered by it. A minibatch fit
+        of more than 2^23 entries estimates it from a random subset of its batches.
     explained_variance_ratio_ : ndarray of shape (n_components,)
         Gaussian only.
     noise_variance_, dispersion_, inverse_dispersion_, zero_inflation_, ... :

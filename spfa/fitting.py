@@ -52,15 +52,17 @@ PRUNE_BUDGET = 2**25
 #: rows' terms scaled to all rows. At 20,000 x 2,000 (batch 128) pruning took 13-14 %
 #: of the fit with every row
 PRUNE_ENTRIES = 2**23
-#: most entries (rows x p) made dense at once: the initial SVD sees a random subset of
-#: rows beyond this, and row-wise work (projections, summaries) runs in chunks of it
+#: most entries (rows x p) made dense at once: beyond it (or beyond one batch of rows)
+#: the start is streamed over blocks of rows, and row-wise work (projections,
+#: summaries) runs in chunks of it
 INIT_ENTRIES = 2**24
 #: smallest factor on the start's L F^T tried to make a non-finite start ELBO finite
 START_SHRINK_LIMIT = 1e-3
 
 
-#: names of the variational parameters in log or logit coordinates: inclusion log-odds,
-#: log precisions, log variances (of every prior family and of the intercept)
+#: names of the variational parameters in log or logit coordinates: inclusion (or, for
+#: the normal mixture, component) log-odds, log precisions, log variances (of every prior
+#: family and of the intercept)
 LOG_SCALE_NAMES = ("logits", "log_prec", "log_var")
 #: their step size relative to ``learning_rate``. A step of a given length moves a
 #: log precision or a log-odds far less, relative to where it must go (several units
@@ -208,7 +210,9 @@ def compute_start(model, X, s, settings: FitSettings, rng, start=None):
     Data of more than one block of rows (``INIT_ENTRIES`` entries, and at most
     ``batch_size`` rows in minibatch training) are started block by block
     (:func:`spfa.initialization.initialize_streamed`), so that the start takes
-    no more memory than training does.
+    no more memory than training does. Its SVD is then a randomised range
+    finder rather than the exact SVD of small data: a minibatch fit's start
+    depends on whether ``batch_size < n`` (within 1 % of ``L0 F0^T``, tested).
     """
     likelihood = model.likelihood
     nonnegative = tuple(f.support == "nonnegative" for f in (model.loadings, model.factors))
@@ -281,7 +285,12 @@ def start_rows(model, X, s, means=None, shrink=1.0, posterior=False) -> None:
         values = projection.means(x, mask, s_rows) if means is None else means[rows]
         precision = projection.precision(mask, len(rows))
         if posterior:
-            model.loadings.start_posterior_(shrink * values, precision, rows)
+            # the projection is a ridge solve, already shrunk by the prior's precision tau
+            # (exactly so for a diagonal Gram): undo it, so that the posterior shrinks once
+            tau = projection.tau
+            with np.errstate(divide="ignore", invalid="ignore"):
+                raw = np.where(precision > 0, values * (precision + tau) / precision, 0.0)
+            model.loadings.start_posterior_(shrink * raw, precision, rows)
         else:
             model.loadings.start_(shrink * values, precision, rows)
 
@@ -305,6 +314,7 @@ class _Projection:
             tau = to_numpy(model.loadings.prior_precision())
         self.slope = lik.link.derivative(b)
         self.w = working_weights(lik, self.mu0, self.slope)
+        self.tau = tau
         self.gram = (self.mf * self.w[:, None]).T @ self.mf + np.diag(tau)
 
     def means(self, x, mask, s) -> np.ndarray:
@@ -406,9 +416,9 @@ def fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
     gen = settings.generator(rng.randint(2**31 - 1))
     data = settings.batches(X, s, likelihood, seed=rng.randint(2**31 - 1))
     rule = settings.rule()
-    elbo = paired_elbo(data, model, settings)
+    whole = paired_elbo(data, model, settings, subset=False)  # every row: the start's check
     shrink = 1.0
-    while not np.isfinite(elbo()):
+    while not np.isfinite(whole()):
         # the linearised start overshoots where the link is steep (exp on rare
         # features): draw L F^T towards 0 until the ELBO is finite
         shrink /= 4.0
@@ -426,7 +436,7 @@ def fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
             result = _train(model, objective, data, settings, monitor)
     finally:
         monitor.close()
-    contribution, order = prune_and_rank(model, elbo)
+    contribution, order = prune_and_rank(model, paired_elbo(data, model, settings))
     # per-window priors were recorded in training order; report them in the final one
     history = {}
     for key, windows in monitor.prior_history.items():
@@ -490,16 +500,16 @@ def _not_finite(model, when: str) -> str:
 
 
 # ------------------------------------------------------------ prune and rank
-def paired_elbo(data: RowBatches, model, settings: FitSettings):
+def paired_elbo(data: RowBatches, model, settings: FitSettings, subset: bool = True):
     """A function evaluating the ELBO with common random numbers (fixed seed).
 
     Differences of its values between two settings of ``active`` are paired
     comparisons, free of most Monte Carlo noise (quadrature has none). A
     minibatch fit of more than ``PRUNE_ENTRIES`` entries is evaluated on a fixed
-    random subset of its batches, scaled to all rows.
+    random subset of its batches, scaled to all rows, unless ``subset=False``.
     """
     used = data.n_batches
-    if data.n_batches > 1:  # minibatches: a fixed random subset of them beyond the budget
+    if subset and data.n_batches > 1:  # minibatches: a fixed random subset beyond the budget
         per_batch = data.n_evaluated / data.n_batches
         used = int(min(data.n_batches, max(1, PRUNE_ENTRIES // per_batch)))
     evaluated = data.n_evaluated * used / data.n_batches

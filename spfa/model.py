@@ -110,20 +110,27 @@ class SparseFactorModel(torch.nn.Module):
         """``eta`` on the grid of all features (of all samples, or of the samples
         ``rows``) in factored form: its moments are not built until asked for."""
         ml, vl = self.loadings.moments(rows, sparse=self.sparse_rows)
+        return LinearPredictor(ml, vl, *self._global_moments())
+
+    def _global_moments(self) -> tuple:
+        """``(mf, vf, mb, vb)``: the factors' and intercept's moments (None without an
+        intercept), cached inside :meth:`fixed_globals`."""
         if self._fixed is not None:
-            mf, vf, mb, vb = self._fixed["moments"]
-            return LinearPredictor(ml, vl, mf, vf, mb, vb)
+            return self._fixed["moments"]
         mf, vf = self.factors.moments()
         mb = vb = None
         if self.intercept is not None:
             mb, vb = self.intercept.moments()
-        return LinearPredictor(ml, vl, mf, vf, mb, vb)
+        return mf, vf, mb, vb
 
     @contextlib.contextmanager
     def fixed_globals(self):
         """Within the block, the factors' and intercept's moments and KL are computed
         once and reused: for fitting rows with everything else held fixed (their
-        parameters must not change inside the block)."""
+        parameters must not change inside the block). Nested blocks share the outer cache."""
+        if self._fixed is not None:
+            yield
+            return
         with torch.no_grad():
             mf, vf = self.factors.moments()
             mb = vb = None
@@ -149,16 +156,16 @@ class SparseFactorModel(torch.nn.Module):
             ``rows``); both given: the entries ``(rows[e], cols[e])``, ``[m]``,
             at a cost of ``m k`` rather than ``n p k``.
         """
-        eta = self.linear_predictor(rows if cols is None else None)
         if cols is None:
-            return eta.moments()
+            return self.linear_predictor(rows).moments()
         ml, vl = self.loadings.moments(rows, sparse=self.sparse_rows)
-        mf, vf = eta.mf[cols], eta.vf[cols]
+        mf, vf, mb, vb = self._global_moments()
+        mf, vf = mf[cols], vf[cols]
         mean = (ml * mf).sum(-1)
         var = ((vl + ml**2) * vf + vl * mf**2).sum(-1)
-        if eta.mb is not None:
-            mean = mean + eta.mb[cols]
-            var = var + eta.vb[cols]
+        if mb is not None:
+            mean = mean + mb[cols]
+            var = var + vb[cols]
         return mean, var
 
     def intercept_mean(self) -> torch.Tensor:

@@ -184,6 +184,15 @@ def test_fixed_globals_gives_the_same_terms_and_gradients():
 
     want = terms_and_grad()
     with model.fixed_globals():
+        with model.fixed_globals():  # nested: the outer cache stays
+            pass
         got = terms_and_grad()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # the entries path (a zero-truncated fit's non-zeros) gathers the cached moments
+    rows, cols = torch.nonzero(x, as_tuple=True)
+    want = model.eta_moments(rows, cols)
+    with model.fixed_globals():
+        got = model.eta_moments(rows, cols)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

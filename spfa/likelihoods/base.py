@@ -262,7 +262,7 @@ class Likelihood(torch.nn.Module):
         mask : Tensor of shape (n, p) or None
             1 for observed, 0 for missing entries.
         eta : LinearPredictor
-            :class:`spfa.model.LinearPredictor` of the grid's rows.
+            :class:`spfa.linear_predictor.LinearPredictor` of the grid's rows.
         log_s : Tensor of shape (n, 1) or None
         cache : dict, optional
             Kept with ``x`` between calls, for sums of the data alone.
