@@ -258,6 +258,36 @@ def test_inverse_dispersion_bound_keeps_poisson_data_finite():
         lik.set_inverse_dispersion([1.0, 2.0, 1e11])
 
 
+def test_inverse_dispersion_bound_keeps_extreme_overdispersion_finite():
+    """The "full" product u_i v_j can drive log r far below 0 on sparse counts: r is
+    bounded above 1e-10 (no underflow to 0), so the log-probability and its gradient
+    stay finite, and against scipy's NB where r is at the bound; the map is the
+    identity (to 1e-7) for 1e-3 <= r <= 1e3 and round-trips through set_inverse_dispersion."""
+    lik = NegativeBinomial().double()
+    lik.initialize(np.ones(3), np.ones(3))
+    t = torch.full((3,), -1e4, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        lik.log_inverse_dispersion.copy_(t)
+    x, eta = torch.tensor([[0.0, 2.0, 40.0]]), torch.tensor([[0.0, 1.0, 3.0]])
+    lp = lik.log_prob(x.double(), eta.double(), None)
+    lp.sum().backward()
+    r = float(lik.inverse_dispersion.detach()[0])
+    assert 1e-10 <= r < 2e-10
+    assert torch.isfinite(lp).all() and torch.isfinite(lik.log_inverse_dispersion.grad).all()
+    mu = _mu(np.array([0.0, 1.0, 3.0]))
+    want = st.nbinom.logpmf([0, 2, 40], r, r / (r + mu))
+    np.testing.assert_allclose(lp.detach().numpy()[0], want, rtol=1e-6, atol=1e-6)
+    for value in (1e-3, 0.5, 7.0, 1e3):
+        lik.set_inverse_dispersion([value] * 3)
+        got = lik.inverse_dispersion.detach().numpy()
+        np.testing.assert_allclose(got, value, rtol=1e-6)
+        np.testing.assert_allclose(
+            lik.log_inverse_dispersion.detach().numpy(), np.log(value), atol=1e-6
+        )
+    with pytest.raises(ValueError, match="inverse dispersions"):
+        lik.set_inverse_dispersion([1.0, 2.0, 1e-11])
+
+
 def test_dispersion_choice_is_checked():
     with pytest.raises(ValueError, match="dispersion must be one of"):
         NegativeBinomial(dispersion="gene")

@@ -16,14 +16,22 @@ from .base import Likelihood
 
 __all__ = ["NegativeBinomial", "NegativeBinomialShared", "NegativeBinomialFull"]
 
-# NB inverse dispersions are smoothly bounded by 1e10 (see log_inverse_dispersion_at)
-_R_MAX = 1e10
-_LOG_R_MAX = math.log(_R_MAX)
+# NB inverse dispersions are smoothly bounded to (1e-10, 1e10) (see log_inverse_dispersion_at)
+_R_MIN, _R_MAX = 1e-10, 1e10
+_LOG_R_MIN, _LOG_R_MAX = math.log(_R_MIN), math.log(_R_MAX)
 
 
 def _bound_log_r(t: torch.Tensor) -> torch.Tensor:
-    """``log r`` from its unconstrained value ``t``: smoothly below ``log(1e10)``."""
-    return _LOG_R_MAX - F.softplus(_LOG_R_MAX - t)
+    """``log r`` from its unconstrained value ``t``: smoothly inside
+    ``(log 1e-10, log 1e10)``, the identity (to 1e-7) for ``1e-3 <= r <= 1e3``."""
+    upper = _LOG_R_MAX - F.softplus(_LOG_R_MAX - t)
+    return _LOG_R_MIN + F.softplus(upper - _LOG_R_MIN)
+
+
+def _unbound_log_r(log_r: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_bound_log_r`, for ``log r`` inside the bounds."""
+    upper = _LOG_R_MIN + torch.log(torch.expm1(log_r - _LOG_R_MIN))
+    return _LOG_R_MAX - torch.log(torch.expm1(_LOG_R_MAX - upper))
 
 
 class NegativeBinomial(Likelihood):
@@ -104,15 +112,20 @@ class NegativeBinomial(Likelihood):
     def log_inverse_dispersion_at(self, rows=None, cols=None) -> torch.Tensor:
         """``log r`` at the entries (``[p]`` or ``[n, p]`` on the grid, ``[m]`` at entries).
 
-        The unconstrained value ``t`` is mapped to ``log r = c - softplus(c - t)``
-        with ``c = log(1e10)``: the identity (to 1e-7) for ``r <= 1e3`` and a
-        smooth bound ``r < 1e10`` above. Data with no overdispersion (Poisson)
+        The unconstrained value ``t`` is mapped to ``u = c - softplus(c - t)``
+        with ``c = log(1e10)``, then to ``log r = d + softplus(u - d)`` with
+        ``d = log(1e-10)``: the identity (to 1e-7) for ``1e-3 <= r <= 1e3`` and
+        smooth bounds ``1e-10 < r < 1e10``. Data with no overdispersion (Poisson)
         drive the maximum-likelihood ``r`` to infinity (and, through the
-        ``"full"`` product ``u_i v_j``, to float32 overflow); the bound keeps it
-        where the log-probability is accurate in float32, and an NB with
+        ``"full"`` product ``u_i v_j``, to float32 overflow); the upper bound keeps
+        it where the log-probability is accurate in float32, and an NB with
         ``r = 1e10`` differs from the Poisson by a variance of ``mu^2 / 1e10``,
-        which no count data can detect. It is a reparameterisation, not a
-        penalty: every ``r`` below the bound is reachable.
+        which no count data can detect. Below, the ``"full"`` product can drive
+        ``r`` to underflow to 0 on sparse counts, where ``lgamma(x + r) -
+        lgamma(r)`` and its gradient are not finite (2 of 3 fits of the sparse
+        likelihood design ended at non-finite gradients without the lower
+        bound). It is a reparameterisation, not a penalty: every ``r`` between the
+        bounds is reachable.
         """
         log_r = self.per_feature(self.log_inverse_dispersion, cols)
         if self.dispersion == "full":
@@ -122,17 +135,17 @@ class NegativeBinomial(Likelihood):
         return _bound_log_r(log_r)
 
     def set_inverse_dispersion(self, r) -> None:
-        """Set the per-feature (or shared) ``r``, each in ``(0, 1e10)``, e.g. to fix it.
+        """Set the per-feature (or shared) ``r``, each in ``(1e-10, 1e10)``, e.g. to fix it.
 
         Raises
         ------
         ValueError
-            If some ``r`` is outside ``(0, 1e10)``.
+            If some ``r`` is outside ``(1e-10, 1e10)``.
         """
         r = torch.as_tensor(r, dtype=torch.float64)
-        if not bool(torch.all((r > 0) & (r < _R_MAX))):
-            raise ValueError(f"inverse dispersions must lie in (0, {_R_MAX:g}), got {r}")
-        t = _LOG_R_MAX - torch.log(torch.expm1(_LOG_R_MAX - torch.log(r)))
+        if not bool(torch.all((r > _R_MIN) & (r < _R_MAX))):
+            raise ValueError(f"inverse dispersions must lie in ({_R_MIN:g}, {_R_MAX:g}), got {r}")
+        t = _unbound_log_r(torch.log(r))
         with torch.no_grad():
             self.log_inverse_dispersion.copy_(t.expand_as(self.log_inverse_dispersion))
 
