@@ -123,6 +123,15 @@ class SparseFactorModel(torch.nn.Module):
             mb, vb = self.intercept.moments()
         return mf, vf, mb, vb
 
+    def _global_kl(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(KL_F, KL_b)`` (``KL_b`` 0 without an intercept), cached inside
+        :meth:`fixed_globals`."""
+        if self._fixed is not None:
+            return self._fixed["kl"]
+        kl_f = self.factors.kl()
+        kl_b = self.intercept.kl() if self.intercept is not None else kl_f.new_zeros(())
+        return kl_f, kl_b
+
     @contextlib.contextmanager
     def fixed_globals(self):
         """Within the block, the factors' and intercept's moments and KL are computed
@@ -132,13 +141,7 @@ class SparseFactorModel(torch.nn.Module):
             yield
             return
         with torch.no_grad():
-            mf, vf = self.factors.moments()
-            mb = vb = None
-            if self.intercept is not None:
-                mb, vb = self.intercept.moments()
-            kl_f = self.factors.kl()
-            kl_b = self.intercept.kl() if self.intercept is not None else mf.new_zeros(())
-        self._fixed = {"moments": (mf, vf, mb, vb), "kl": (kl_f, kl_b)}
+            self._fixed = {"moments": self._global_moments(), "kl": self._global_kl()}
         try:
             yield
         finally:
@@ -230,11 +233,7 @@ class SparseFactorModel(torch.nn.Module):
             )
             total = (ll if mask is None else ll * mask).sum()
         kl_l = self.loadings.kl(batch, sparse=self.sparse_rows)
-        if self._fixed is not None:
-            kl_f, kl_b = self._fixed["kl"]
-        else:
-            kl_f = self.factors.kl()
-            kl_b = self.intercept.kl() if self.intercept is not None else total.new_zeros(())
+        kl_f, kl_b = self._global_kl()
         return ELBOTerms(scale * total, scale * kl_l, kl_f, kl_b)
 
     @torch.no_grad()

@@ -39,7 +39,7 @@ class Poisson(Likelihood):
     ):
         """Closed form under the exp link, ``x (m + log s) - s exp(m + v/2) - lgamma(x + 1)``
         (the rule ``expectation`` is then not used); the rule otherwise."""
-        if not isinstance(self.link, Exp):
+        if not self.closed_form:
             return super().expected_log_prob(
                 x, eta_mean, eta_var, log_s, expectation, generator, rows, cols
             )
@@ -54,7 +54,7 @@ class Poisson(Likelihood):
         """Under the exp link, the closed form summed without the grids of ``E[eta]`` and
         ``V[eta]``: ``sum x E[eta]`` as ``sum (x E[F]) * E[L] + colsums(x) E[b]``,
         and ``sum s E_q[e^eta]`` by :func:`spfa.linear_predictor.sum_exp_product`."""
-        if not isinstance(self.link, Exp):
+        if not self.closed_form:
             return None
         cache = {} if cache is None else cache
         if "poisson" not in cache:
