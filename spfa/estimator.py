@@ -29,6 +29,7 @@ from .likelihoods import get_likelihood
 from .persistence import load_estimator, save_estimator
 from .posterior import Posterior, top_features
 from .priors import resolve_priors
+from .progress import verbosity
 
 __all__ = ["SparseFactorAnalysis"]
 
@@ -81,8 +82,11 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     random_state : int, RandomState or None, default=None
     log_dir : str or path, default=None
         Write a TensorBoard run here (``loss/...``, ``prior/...``).
-    verbose : bool, default=False
-        Show the ELBO once per window (logger ``spfa``, level INFO, on stderr).
+    verbose : bool or {0, 1, 2}, default=False
+        0/False: silent. 1/True: a progress bar on stderr for fits and transforms
+        that last over a second, with the ELBO per entry, and the ``"spfa"``
+        logger's INFO records (start repairs, pruning). 2: also DEBUG records (the
+        ELBO per window). See :mod:`spfa.progress`.
 
     Attributes
     ----------
@@ -192,7 +196,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             else check_positive_int(self.batch_size, "batch_size"),
             device=device or resolve_device(self.device),
             log_dir=self.log_dir,
-            verbose=bool(self.verbose),
+            verbose=verbosity(self.verbose),
         )
 
     def _data(self, X, size_factors, *, reset, likelihood):

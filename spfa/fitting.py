@@ -14,7 +14,6 @@ seams only (:mod:`spfa.priors.base`, :mod:`spfa.likelihoods`):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from .initialization import initialize, initialize_streamed, working_response, w
 from .likelihoods import Likelihood
 from .model import SparseFactorModel
 from .monitor import Monitor
+from .progress import ProgressBar, showing_logs
 from .training import TrainResult, train
 
 __all__ = [
@@ -87,7 +87,7 @@ class FitSettings:
     batch_size: int | None
     device: torch.device
     log_dir: object = None
-    verbose: bool = False
+    verbose: int = 0
 
     def rule(self, n_mc_samples: int | None = None) -> Expectation:
         """The rule for ``E_q[log p]``; Monte Carlo with ``n_mc_samples`` draws."""
@@ -333,15 +333,24 @@ class _Projection:
 
 
 # -------------------------------------------------------------------- training
-def _train(model, objective, data: RowBatches, settings: FitSettings, monitor=None, n_plateaus=2):
+def _train(
+    model,
+    objective,
+    data: RowBatches,
+    settings: FitSettings,
+    monitor=None,
+    n_plateaus=2,
+    description="fit",
+):
     """Adam over everything that requires a gradient; with several batches,
     the loadings of each batch's rows by SparseAdam (only where used), and
-    ``max_iter``, the stopping rule and the history count passes."""
+    ``max_iter``, the stopping rule, the history and the progress bar count passes."""
     passes = data.n_batches
     model.sparse_rows = passes > 1
     local = model.row_parameters() if passes > 1 else []
     params = [p for p in model.parameters() if p.requires_grad]
     params = [p for p in params if all(p is not q for q in local)]
+    bar = ProgressBar(settings.max_iter, description, settings.verbose)
     try:
         result = train(
             model,
@@ -356,10 +365,11 @@ def _train(model, objective, data: RowBatches, settings: FitSettings, monitor=No
             learning_rate=settings.learning_rate,
             on_window=monitor,
             n_plateaus=n_plateaus,
-            verbose=settings.verbose,
+            progress=bar,
         )
     finally:
         model.sparse_rows = False
+        bar.close()
     result.n_iter = result.n_iter // passes
     return result
 
@@ -371,29 +381,6 @@ def _step_groups(model, params) -> list[dict]:
     log_scale = [p for p in params if names.get(id(p)) in LOG_SCALE_NAMES]
     rest = [p for p in params if names.get(id(p)) not in LOG_SCALE_NAMES]
     return [{"params": rest}, {"params": log_scale, "lr_scale": LOG_SCALE_STEP}]
-
-
-@contextlib.contextmanager
-def _progress(verbose: bool):
-    """With ``verbose``, show spfa's INFO log records (the ELBO per window, pruning) on
-    stderr for the duration of a fit, unless the application configured logging."""
-    root = logging.getLogger("spfa")
-    if not verbose:
-        yield
-        return
-    handler = None
-    if not logging.getLogger().handlers and len(root.handlers) <= 1:  # only our NullHandler
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[spfa] %(message)s"))
-        root.addHandler(handler)
-    level = root.level
-    root.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-        if handler is not None:
-            root.removeHandler(handler)
 
 
 @dataclass
@@ -408,7 +395,13 @@ class Fit:
 
 
 def fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
-    """Start, train, prune and rank a model of ``X`` (validated; see the estimator)."""
+    """Start, train, prune and rank a model of ``X`` (validated; see the estimator),
+    showing progress and log records as ``settings.verbose`` asks."""
+    with showing_logs(settings.verbose):
+        return _fit_model(X, s, likelihood, settings, rng, start)
+
+
+def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
     n, p = X.shape
     model = new_model(n, p, likelihood, settings)
     init, sub = compute_start(model, X, s, settings, rng, start)
@@ -432,8 +425,7 @@ def fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
 
     monitor = Monitor(model, settings.log_dir)
     try:
-        with _progress(settings.verbose):
-            result = _train(model, objective, data, settings, monitor)
+        result = _train(model, objective, data, settings, monitor)
     finally:
         monitor.close()
     contribution, order = prune_and_rank(model, paired_elbo(data, model, settings))
@@ -468,8 +460,10 @@ def fit_rows(state, X, s, likelihood, settings: FitSettings, rng):
     # after it settle Monte Carlo jitter, which it does not have (CellTypist: score
     # 0.7 nats lower of 1,059,281, 0.53 s rather than 0.69 s)
     exact = likelihood.closed_form or settings.expectation == "quadrature"
-    with model.fixed_globals():
-        result = _train(model, objective, data, settings, n_plateaus=1 if exact else 2)
+    with model.fixed_globals(), showing_logs(settings.verbose):
+        result = _train(
+            model, objective, data, settings, n_plateaus=1 if exact else 2, description="transform"
+        )
     return model, data, result
 
 

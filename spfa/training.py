@@ -93,7 +93,7 @@ def train(
     n_plateaus: int = 2,
     max_rollbacks: int = 8,
     on_window: Callable[[int, np.ndarray], None] | None = None,
-    verbose: bool = False,
+    progress: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Maximise ``objective().elbo`` over ``params`` with Adam.
 
@@ -125,6 +125,9 @@ def train(
     on_window : callable, optional
         ``on_window(first_record, terms)`` with ``terms`` of shape
         ``(records, 5)`` (``ELBOTerms.NAMES``), after every finite window.
+    progress : callable, optional
+        ``progress(records, elbo_per_entry)`` after every finite window: the records
+        done so far and the window's mean ELBO per observed entry (a progress bar).
 
     Returns
     -------
@@ -181,12 +184,7 @@ def train(
                 break
             lr = lr / 4.0
             _restore(module, optimizers, snapshot, lr)
-            logger.log(
-                logging.INFO if verbose else logging.DEBUG,
-                "step %d: non-finite ELBO; rolled back, lr -> %.2e",
-                it,
-                lr,
-            )
+            logger.info("step %d: non-finite ELBO; rolled back, lr -> %.2e", it, lr)
             # the failed window's steps are not recorded; the budget is still spent
             window_start = it
             continue
@@ -202,8 +200,9 @@ def train(
         mean, var = elbo.mean(), elbo.var(ddof=1) if len(elbo) > 1 else 0.0
         if steps_per_record > 1:
             var = 0.0  # records are whole passes: no batch-to-batch spread
-        logger.log(
-            logging.INFO if verbose else logging.DEBUG,
+        if progress is not None:
+            progress(it // steps_per_record, float(mean) * scale)
+        logger.debug(
             "%s %6d  elbo %.6g  lr %.2e",
             "step" if steps_per_record == 1 else "pass",
             it // steps_per_record,

@@ -1,0 +1,239 @@
+"""spfa on AnnData, following scanpy's conventions (the optional extra ``spfa-vi[anndata]``).
+
+:func:`fit` fits :class:`~spfa.SparseFactorAnalysis` to ``adata.X`` (or a layer),
+on all genes or those of ``mask_var``, and writes, with ``key_added="spfa"``:
+
+==============================  ==========  =============================================
+``adata.obsm["X_spfa"]``        ``(n, k)``  posterior mean loadings ``E[L]`` of the cells
+``adata.varm["spfa_factors"]``  ``(p, k)``  posterior mean factors ``E[F]`` (zero rows
+                                            for genes outside ``mask_var``)
+``adata.varm["spfa_pip"]``      ``(p, k)``  posterior inclusion probabilities of ``F``
+``adata.var["spfa_intercept"]`` ``(p,)``    the genes' intercepts ``E[b]`` (NaN outside)
+``adata.uns["spfa"]``           dict        ``params``, ``elbo`` (the curve, one value per
+                                            record), ``elbo_contribution`` and ``active``
+                                            per factor, ``n_effective_components``,
+                                            ``layer``, ``mask_var``
+==============================  ==========  =============================================
+
+Factors keep the estimator's order: by ELBO contribution, pruned ones last
+(``uns["spfa"]["active"]`` is False for them). A backed AnnData (``backed="r"``)
+is read in row blocks (:func:`spfa.io.read_rows`): its ``X`` is never loaded whole,
+only the fitted genes' entries, compressed.
+
+Size factors are the estimator's default unless given: each cell's total count over
+the fitted genes, over the mean. New cells (:func:`transform`) are matched to the
+fitted genes by name, so their AnnData may hold other genes, in any order.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from .estimator import SparseFactorAnalysis
+from .io import read_rows
+
+__all__ = ["counts", "fit", "transform"]
+
+
+def _matrix(adata, layer):
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("adata.X is empty; pass layer= to fit one of adata.layers")
+        return adata.X
+    if layer not in adata.layers:
+        raise ValueError(
+            f"adata has no layer {layer!r}; its layers are {sorted(adata.layers.keys())}"
+        )
+    return adata.layers[layer]
+
+
+def _gene_mask(adata, mask_var) -> np.ndarray:
+    """``mask_var`` (None, a boolean column of ``adata.var``, or a boolean array) as a
+    boolean mask of ``adata``'s genes."""
+    p = adata.n_vars
+    if mask_var is None:
+        return np.ones(p, dtype=bool)
+    if isinstance(mask_var, str):
+        if mask_var not in adata.var.columns:
+            raise ValueError(
+                f"mask_var={mask_var!r} is not a column of adata.var (its columns: "
+                f"{list(adata.var.columns)}); scanpy's highly_variable_genes writes "
+                "'highly_variable'"
+            )
+        mask = adata.var[mask_var].to_numpy()
+        name = f"adata.var[{mask_var!r}]"
+    else:
+        mask = np.asarray(mask_var)
+        name = "mask_var"
+    if mask.dtype != bool:
+        raise ValueError(f"{name} must be boolean; it has dtype {mask.dtype}")
+    if mask.shape != (p,):
+        raise ValueError(f"{name} has shape {mask.shape}; adata has {p} genes")
+    if not mask.any():
+        raise ValueError(f"{name} selects no genes")
+    return mask
+
+
+def _size_factors(adata, size_factors):
+    if isinstance(size_factors, str):
+        if size_factors not in adata.obs.columns:
+            raise ValueError(f"size_factors={size_factors!r} is not a column of adata.obs")
+        return adata.obs[size_factors].to_numpy(dtype=float)
+    return size_factors
+
+
+def _json_safe(params: dict) -> dict:
+    """The estimator's parameters as AnnData can write them: None dropped, others as text."""
+    out = {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        if isinstance(value, (bool, int, float, str, np.integer, np.floating)):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
+
+
+def counts(adata, *, layer: str | None = None, mask_var=None):
+    """The matrix :func:`fit` fits and the mask of its genes.
+
+    Parameters
+    ----------
+    adata, layer, mask_var :
+        As in :func:`fit`.
+
+    Returns
+    -------
+    X : ndarray or scipy.sparse.csr_matrix of shape (n_obs, n_genes_fitted)
+        Read in row blocks when ``adata`` is backed.
+    mask : ndarray of bool of shape (n_vars,)
+    """
+    mask = _gene_mask(adata, mask_var)
+    X = read_rows(_matrix(adata, layer), None if mask.all() else np.flatnonzero(mask))
+    return X, mask
+
+
+def fit(
+    adata,
+    n_components: int = 10,
+    *,
+    layer: str | None = None,
+    mask_var=None,
+    size_factors=None,
+    key_added: str = "spfa",
+    verbose=True,
+    **params,
+) -> SparseFactorAnalysis:
+    """Fit sparse factor analysis to the counts of ``adata`` and write the results into it.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Cells x genes, in memory or backed (``backed="r"``).
+    n_components : int, default=10
+    layer : str, optional
+        Fit ``adata.layers[layer]`` rather than ``adata.X``.
+    mask_var : str or ndarray of bool of shape (n_vars,), optional
+        The genes to fit: a boolean column of ``adata.var`` (e.g.
+        ``"highly_variable"``) or a mask; None fits all.
+    size_factors : ndarray of shape (n_obs,) or str, optional
+        Per-cell size factors, or a column of ``adata.obs`` holding them; None:
+        library sizes over the fitted genes (the estimator's default).
+    key_added : str, default="spfa"
+        Write ``obsm[f"X_{key_added}"]``, ``varm[f"{key_added}_factors"]``,
+        ``varm[f"{key_added}_pip"]``, ``var[f"{key_added}_intercept"]`` and
+        ``uns[key_added]`` (see the module docstring).
+    verbose : bool or {0, 1, 2}, default=True
+        A progress bar and spfa's log records on stderr (:mod:`spfa.progress`).
+    **params
+        Any other :class:`~spfa.SparseFactorAnalysis` parameter.
+
+    Returns
+    -------
+    SparseFactorAnalysis
+        The fitted estimator; its ``feature_names_in_`` are the fitted genes' names.
+    """
+    X, mask = counts(adata, layer=layer, mask_var=mask_var)
+    estimator = SparseFactorAnalysis(n_components=n_components, verbose=verbose, **params)
+    estimator.fit(X, size_factors=_size_factors(adata, size_factors))
+    estimator.feature_names_in_ = np.asarray(adata.var_names[mask], dtype=object)
+
+    k = estimator.n_components
+    factors = np.zeros((adata.n_vars, k))
+    pip = np.zeros((adata.n_vars, k))
+    factors[mask], pip[mask] = estimator.components_.T, estimator.factors_pip_
+    adata.obsm[f"X_{key_added}"] = np.asarray(estimator.loadings_)
+    adata.varm[f"{key_added}_factors"] = factors
+    adata.varm[f"{key_added}_pip"] = pip
+    intercept = np.full(adata.n_vars, np.nan)
+    intercept[mask] = estimator.intercept_
+    adata.var[f"{key_added}_intercept"] = intercept
+    adata.uns[key_added] = {
+        "params": _json_safe(estimator.get_params()),
+        "elbo": np.asarray(estimator.history_["elbo"], dtype=float),
+        "elbo_contribution": np.asarray(estimator.elbo_contribution_, dtype=float),
+        "active": np.asarray(estimator.active_components_, dtype=bool),
+        "n_effective_components": int(estimator.n_effective_components_),
+        "layer": "X" if layer is None else layer,
+        "mask_var": mask_var if isinstance(mask_var, str) else ("" if mask_var is None else "mask"),
+    }
+    return estimator
+
+
+def _columns(adata, estimator) -> np.ndarray:
+    """Positions in ``adata.var_names`` of the estimator's genes, in its order."""
+    names = getattr(estimator, "feature_names_in_", None)
+    if names is None:
+        if adata.n_vars != estimator.n_features_in_:
+            raise ValueError(
+                f"adata has {adata.n_vars} genes; the estimator was fitted to "
+                f"{estimator.n_features_in_} unnamed features"
+            )
+        return np.arange(adata.n_vars)
+    index = adata.var_names.get_indexer(np.asarray(names, dtype=str))
+    if (index < 0).any():
+        absent = np.asarray(names)[index < 0]
+        raise ValueError(
+            f"{absent.size} of the estimator's {len(names)} genes are not in adata.var_names "
+            f"(e.g. {', '.join(map(str, absent[:5]))})"
+        )
+    return index
+
+
+def transform(
+    adata,
+    estimator: SparseFactorAnalysis,
+    *,
+    layer: str | None = None,
+    size_factors=None,
+    key_added: str = "spfa",
+) -> np.ndarray:
+    """Fit the loadings of ``adata``'s cells with the estimator's factors held fixed,
+    and write them to ``adata.obsm[f"X_{key_added}"]``.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        New cells; the estimator's genes are looked up by name in ``adata.var_names``.
+    estimator : SparseFactorAnalysis
+        Fitted (by :func:`fit`, or on arrays with the same genes in the same order).
+    layer, size_factors, key_added :
+        As in :func:`fit`; size factors default to library sizes on the training scale.
+
+    Returns
+    -------
+    ndarray of shape (n_obs, n_components)
+        ``E[L]`` of the new cells.
+    """
+    columns = _columns(adata, estimator)
+    whole = np.array_equal(columns, np.arange(adata.n_vars))
+    X = read_rows(_matrix(adata, layer), None if whole else columns)
+    with warnings.catch_warnings():
+        # the genes were matched by name above; the array itself carries none
+        warnings.filterwarnings("ignore", message="X does not have valid feature names")
+        loadings = estimator.transform(X, size_factors=_size_factors(adata, size_factors))
+    adata.obsm[f"X_{key_added}"] = loadings
+    return loadings
