@@ -1,0 +1,206 @@
+"""The command line: each input format, each command, and errors as one line."""
+
+import gzip
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.io
+import scipy.sparse as sp
+
+ad = pytest.importorskip("anndata")
+
+from spfa.cli import main  # noqa: E402
+
+FAST = ["--max-iter", "150", "--seed", "0"]
+
+
+def _counts(n=60, p=30, seed=0):
+    rng = np.random.default_rng(seed)
+    L, F = rng.normal(size=(n, 2)), rng.normal(size=(p, 2)) * (rng.random((p, 2)) < 0.4)
+    X = rng.poisson(np.exp(0.5 + 0.8 * L @ F.T)).astype(np.float64)
+    genes = [f"GENE{j}" for j in range(p)]
+    cells = [f"cell{i}" for i in range(n)]
+    return X, cells, genes
+
+
+def write_input(kind, directory, seed=0):
+    """The same counts written in one of the input formats; returns the path."""
+    X, cells, genes = _counts(seed=seed)
+    if kind == "h5ad":
+        adata = ad.AnnData(X=sp.csr_matrix(X))
+        adata.obs_names, adata.var_names = cells, genes
+        adata.var["highly_variable"] = np.arange(len(genes)) % 2 == 0
+        path = directory / "in.h5ad"
+        adata.write_h5ad(path)
+    elif kind == "10x":
+        path = directory / "tenx"
+        path.mkdir()
+        with gzip.open(path / "matrix.mtx.gz", "wb") as f:
+            scipy.io.mmwrite(f, sp.coo_matrix(X.T))  # features x barcodes
+        with gzip.open(path / "features.tsv.gz", "wt") as f:
+            f.writelines(f"ENSG{j:05d}\t{g}\tGene Expression\n" for j, g in enumerate(genes))
+        with gzip.open(path / "barcodes.tsv.gz", "wt") as f:
+            f.writelines(f"{c}\n" for c in cells)
+    elif kind == "npz":
+        path = directory / "in.npz"
+        sp.save_npz(path, sp.csr_matrix(X))
+    else:
+        sep = "," if kind == "csv" else "\t"
+        path = directory / f"in.{kind}"
+        lines = [sep.join(["", *genes])]
+        lines += [
+            sep.join([c, *map(str, row.astype(int))]) for c, row in zip(cells, X, strict=True)
+        ]
+        path.write_text("\n".join(lines) + "\n")
+    return path, X, genes
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("kind", ["h5ad", "10x", "npz", "csv", "tsv"])
+def test_fit_each_input_format(kind, tmp_path, capsys):
+    path, X, genes = write_input(kind, tmp_path)
+    out = tmp_path / "out.h5ad"
+    code, _, err = run(["fit", path, "-k", "2", "-o", out, "--quiet", *FAST], capsys)
+    assert code == 0, err
+    result = ad.read_h5ad(out)
+    assert result.obsm["X_spfa"].shape == (60, 2)
+    assert result.varm["spfa_factors"].shape == (30, 2)
+    assert {"params", "elbo", "elbo_contribution"} <= set(result.uns["spfa"])
+    np.testing.assert_array_equal(result.X.toarray(), X)  # the counts travel with the result
+    if kind != "npz":
+        assert list(result.var_names) == genes and result.obs_names[0] == "cell0"
+
+
+def test_fit_h5ad_keeps_the_input_and_writes_keys_selected_genes_and_model(tmp_path, capsys):
+    path, _, genes = write_input("h5ad", tmp_path)
+    before = path.read_bytes()
+    out, model = tmp_path / "out.h5ad", tmp_path / "model.pt"
+    argv = ["fit", path, "-k", "2", "-o", out, "--mask-var", "highly_variable"]
+    code, _, err = run([*argv, "--save-model", model, "--quiet", *FAST], capsys)
+    assert code == 0, err
+    assert path.read_bytes() == before  # the input file is not touched
+    result = ad.read_h5ad(out)
+    hv = result.var["highly_variable"].to_numpy()
+    assert np.all(result.varm["spfa_factors"][~hv] == 0)
+    assert model.is_file()
+
+    code, text, _ = run(["top-features", model, "-n", "3", "--min-pip", "0"], capsys)
+    assert code == 0
+    rows = [line.split("\t") for line in text.strip().splitlines()]
+    assert rows[0][:3] == ["factor", "rank", "feature"]
+    assert all(r[2] in genes[::2] for r in rows[1:]) and len(rows) > 1
+
+    code, text, _ = run(["info", model], capsys)
+    assert code == 0 and "poisson" in text and "15 (named)" in text
+
+    new_dir = tmp_path / "new"
+    new_dir.mkdir()
+    new, _, _ = write_input("csv", new_dir, seed=1)
+    out2 = tmp_path / "new.h5ad"
+    code, _, err = run(["transform", model, new, "-o", out2, "--quiet"], capsys)
+    assert code == 0, err
+    assert ad.read_h5ad(out2).obsm["X_spfa"].shape == (60, 2)
+
+
+def test_n_top_features_keeps_the_most_abundant_genes(tmp_path, capsys):
+    path, X, _ = write_input("csv", tmp_path)
+    out = tmp_path / "out.h5ad"
+    code, _, err = run(
+        ["fit", path, "-k", "2", "-o", out, "--n-top-features", "10", "-q", *FAST], capsys
+    )
+    assert code == 0, err
+    fitted = np.any(ad.read_h5ad(out).varm["spfa_factors"] != 0, axis=1)
+    top = np.argsort(-X.sum(0), kind="stable")[:10]
+    assert set(np.flatnonzero(fitted)) <= set(top)
+
+
+def test_choose_k_prints_a_table_and_the_choice(tmp_path, capsys):
+    path, _, _ = write_input("npz", tmp_path)
+    code, text, err = run(["choose-k", path, "--candidates", "1", "2", "-q", *FAST], capsys)
+    assert code == 0, err
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("k\t") and lines[1].startswith("1\t") and lines[2].startswith("2\t")
+    assert lines[-1] in {"chosen k: 1", "chosen k: 2"}
+
+
+def test_progress_is_shown_and_silenced(tmp_path, capsys, monkeypatch):
+    import spfa.progress
+
+    monkeypatch.setattr(spfa.progress, "BAR_DELAY", 0.0)
+    path, _, _ = write_input("npz", tmp_path)
+    code, _, err = run(["fit", path, "-k", "2", "-o", tmp_path / "a.h5ad", *FAST], capsys)
+    assert code == 0 and "spfa fit" in err and "elbo/entry" in err and "wrote" in err
+    code, _, err = run(["fit", path, "-k", "2", "-o", tmp_path / "b.h5ad", "-q", *FAST], capsys)
+    # only the (real) warning of the short fit is left on stderr
+    assert code == 0 and "spfa fit" not in err and "wrote" not in err
+    assert all(line.startswith("spfa: warning: ") for line in err.splitlines())
+
+
+def _bad_inputs(tmp_path):
+    corrupt = tmp_path / "corrupt.h5ad"
+    corrupt.write_bytes(b"not an hdf5 file")
+    text = tmp_path / "text.csv"
+    text.write_text(",g1,g2\nc1,1,2\nc2,oops,3\n")
+    negative = tmp_path / "negative.csv"
+    negative.write_text(",g1,g2\nc1,1,2\nc2,-1,3\nc3,4,0\n")
+    empty_dir = tmp_path / "not10x"
+    empty_dir.mkdir()
+    return [
+        (tmp_path / "missing.h5ad", "missing.h5ad: no such file"),
+        (corrupt, "not a readable .h5ad"),
+        (text, "'oops', which is not a number"),
+        (negative, "negative values"),
+        (empty_dir, "not a 10x directory"),
+        (tmp_path / "x.xlsx", "no such file"),
+    ]
+
+
+def test_bad_input_is_one_line_naming_the_problem(tmp_path, capsys):
+    for path, message in _bad_inputs(tmp_path):
+        code, out, err = run(["fit", path, "-k", "2", "-o", tmp_path / "o.h5ad", "-q"], capsys)
+        assert code == 1, (path, err)
+        assert err.startswith("spfa: error: ") and err.count("\n") == 1, err
+        assert message.lower() in err.lower(), err
+        assert "Traceback" not in err and out == ""
+
+
+def test_bad_command_lines(tmp_path, capsys):
+    path, _, _ = write_input("npz", tmp_path)
+    cases = [
+        (["fit", path, "-o", tmp_path / "o.h5ad"], 2, "--n-components"),
+        (["fit", path, "-k", "2", "-o", tmp_path / "o.csv"], 1, "ending in .h5ad"),
+        (["fit", path, "-k", "2", "-o", tmp_path / "no" / "o.h5ad"], 1, "does not exist"),
+        (["fit", path, "-k", "2", "-o", tmp_path / "o.h5ad", "--mask-var", "hv"], 1, "'hv'"),
+        (["info", tmp_path / "in.npz"], 1, "not a readable spfa model"),
+        (["frobnicate"], 2, "invalid choice"),
+    ]
+    for argv, status, message in cases:
+        with pytest.raises(SystemExit) if status == 2 else _nothing() as raised:
+            code, _, err = run(argv, capsys)
+        if status == 2:
+            code = raised.value.code
+            err = capsys.readouterr().err
+        assert code == status, (argv, err)
+        assert err.startswith("spfa: error: ") and err.count("\n") == 1 and message in err, err
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_python_dash_m_runs_the_command_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "spfa", "--version"], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.startswith("spfa ")
