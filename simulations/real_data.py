@@ -33,6 +33,8 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
+from spfa.io import abundant_features
+
 #: stored log values of pbmc68k_reduced are rounded to this many decimals
 _PBMC_DECIMALS = 3
 
@@ -168,8 +170,6 @@ def load(name: str) -> RealCounts:
 
 def select_genes(x: sp.csr_matrix, n_genes: int) -> np.ndarray:
     """Indices (ascending) of the ``n_genes`` genes of largest total count, among
-    the genes with any count; ties broken by the lower index."""
-    total = np.asarray(x.sum(axis=0)).ravel()
-    nonzero = np.flatnonzero(total > 0)
-    order = nonzero[np.argsort(-total[nonzero], kind="stable")]
-    return np.sort(order[:n_genes])
+    the genes with any count; ties broken by the lower index
+    (:func:`spfa.io.abundant_features`, the command line's ``--n-top-features``)."""
+    return np.flatnonzero(abundant_features(x, n_genes))
