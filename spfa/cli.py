@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import warnings
@@ -329,6 +330,10 @@ def main(argv=None) -> int:
             warnings.simplefilter("default")
             warnings.showwarning = show
             _COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # the reader of stdout stopped early (``spfa top-features ... | head``): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (CommandError, ValueError, OSError, ImportError, RuntimeError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         if isinstance(err, FileNotFoundError) and err.filename:

@@ -91,7 +91,9 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     Attributes
     ----------
     components_ : ndarray of shape (n_components, n_features)
-        Posterior mean of the factors, ``E[F]^T``.
+        Posterior mean of the factors, ``E[F]^T``. Under the sign-symmetric priors
+        (point-normal, normal mixture) each factor's largest ``|E[F]|`` entry is
+        positive (its loadings are negated with it; the fit is unchanged).
     loadings_ : ndarray of shape (n_samples, n_components)
         Posterior mean of the training loadings, ``E[L]``.
     loadings_pip_, factors_pip_, loadings_sd_, factors_sd_, loadings_lfsr_, factors_lfsr_ :

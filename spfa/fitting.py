@@ -578,7 +578,27 @@ def prune_and_rank(model: SparseFactorModel, elbo) -> tuple[np.ndarray, np.ndarr
     index = torch.as_tensor(order, device=model.factors.active.device)
     model.loadings.permute_(index)
     model.factors.permute_(index)
+    orient_(model)
     return contribution[order], order
+
+
+def orient_(model: SparseFactorModel) -> None:
+    """The sign convention: each factor's entry of largest ``|E[F]|`` is positive.
+
+    ``L F^T`` is unchanged when a factor's loadings and factors are negated together,
+    and so is the ELBO under priors symmetric about 0 (point-normal, normal mixture); the
+    fit's sign is then arbitrary, and this makes each factor read as the genes it raises
+    and the cells that use it. Families without that symmetry keep their sign.
+    """
+    if not (model.loadings.sign_symmetric and model.factors.sign_symmetric):
+        return
+    mean = model.factors.posterior().mean  # (p, k)
+    top = np.abs(mean).argmax(axis=0)
+    signs = np.where(mean[top, np.arange(mean.shape[1])] < 0, -1.0, 1.0)
+    if (signs < 0).any():
+        flips = torch.as_tensor(signs, device=model.factors.active.device)
+        model.loadings.flip_(flips)
+        model.factors.flip_(flips)
 
 
 # ------------------------------------------------------------------ reporting

@@ -97,6 +97,15 @@ def test_fit_h5ad_keeps_the_input_and_writes_keys_selected_genes_and_model(tmp_p
     assert rows[0][:3] == ["factor", "rank", "feature"]
     assert all(r[2] in genes[::2] for r in rows[1:]) and len(rows) > 1
 
+    # a reader that stops early is not an error
+    head = subprocess.run(
+        f"{sys.executable} -m spfa top-features {model} -n 1000 --min-pip 0 | head -n 1",
+        shell=True,
+        capture_output=True,
+        text=True,
+    )
+    assert head.stdout.startswith("factor\t") and head.stderr == "", head.stderr
+
     code, text, _ = run(["info", model], capsys)
     assert code == 0 and "poisson" in text and "15 (named)" in text
 

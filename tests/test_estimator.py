@@ -665,3 +665,35 @@ def test_exp_link_transform_of_training_rows_matches_the_fit():
     # 0.30 of 2.84 where a refit of the rows finds a higher ELBO than the fit's rows)
     scale = np.abs(est.loadings_).max()
     assert np.abs(z - est.loadings_).max() < 0.15 * scale
+
+
+def test_sign_convention_largest_factor_entry_positive_and_fit_unchanged():
+    """Each kept factor's largest |E[F]| is positive; negating a factor's loadings and
+    factors together leaves the (exact) ELBO as it was, and orient_ undoes it."""
+    from spfa.fitting import orient_, paired_elbo
+
+    rng = np.random.default_rng(3)
+    L = rng.normal(size=(80, 3))
+    F = -np.abs(rng.normal(size=(30, 3))) * (rng.random((30, 3)) < 0.4)  # negative programs
+    X = rng.poisson(np.exp(0.3 + L @ F.T))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = SparseFactorAnalysis(n_components=3, random_state=0).fit(X)
+    comp = est.components_[est.active_components_]
+    top = np.abs(comp).argmax(axis=1)
+    assert np.all(comp[np.arange(len(comp)), top] > 0)
+
+    model = est.get_model()
+    settings = est._settings()
+    data = settings.batches(X.astype(float), est.training_size_factors_, model.likelihood, 0)
+    elbo = paired_elbo(data, model, settings, subset=False)
+    before = elbo()
+    fitted = {k: v.clone() for k, v in model.state_dict().items()}
+    flips = torch.tensor([-1.0, 1.0, -1.0])
+    model.loadings.flip_(flips)
+    model.factors.flip_(flips)
+    assert not torch.equal(model.factors.mean, fitted["factors.mean"])
+    assert elbo() == pytest.approx(before, rel=1e-6)
+    orient_(model)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, fitted[key], msg=key)

@@ -196,3 +196,29 @@ def test_fixed_globals_gives_the_same_terms_and_gradients():
         got = model.eta_moments(rows, cols)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["point_normal", "normal_mixture"])
+def test_flip_negates_entries_and_keeps_the_kl(name):
+    """A sign flip of some factors negates their entries' moments (odd ones) and leaves
+    the KL and second moments as they were: the symmetry the sign convention rests on."""
+    torch.manual_seed(0)
+    family = get_prior(name)(7, 3).double()
+    with torch.no_grad():
+        for prm in family.parameters():
+            prm.normal_()
+    before = family.moments()
+    kl = family.kl().clone()
+    family.flip_(torch.tensor([-1.0, 1.0, -1.0]))
+    after = family.moments()
+    sign = torch.tensor([-1.0, 1.0, -1.0], dtype=torch.float64)
+    torch.testing.assert_close(after.mean, before.mean * sign)
+    torch.testing.assert_close(after.var, before.var)
+    torch.testing.assert_close(family.kl(), kl)
+
+
+def test_a_family_without_the_symmetry_refuses_to_flip():
+    family = get_prior("point_exponential")(4, 2)
+    assert not family.sign_symmetric
+    with pytest.raises(ValueError, match="not symmetric"):
+        family.flip_(torch.tensor([-1.0, 1.0]))

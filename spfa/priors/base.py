@@ -83,6 +83,10 @@ class PriorFamily(torch.nn.Module):
     prior_parameter_names: tuple[str, ...] = ()
     #: buffers with one entry per factor (``[k, ...]``), reordered with the factors
     factor_buffer_names: tuple[str, ...] = ()
+    #: the variational parameters that locate an entry: negating them negates the entry
+    #: under ``q``, and, for a prior symmetric about 0, leaves the KL unchanged (empty for
+    #: a family without that symmetry, whose factors keep their sign)
+    location_parameter_names: tuple[str, ...] = ()
 
     def __init__(self, m: int, k: int):
         super().__init__()
@@ -232,6 +236,21 @@ class PriorFamily(torch.nn.Module):
         buffers = [getattr(self, name) for name in self.factor_buffer_names]
         for tensor in self.prior_parameters() + buffers + [self.active]:
             tensor.copy_(tensor[order])
+
+    @property
+    def sign_symmetric(self) -> bool:
+        """Whether a factor's sign can be flipped (:meth:`flip_`) without changing its KL."""
+        return bool(self.location_parameter_names)
+
+    @torch.no_grad()
+    def flip_(self, signs: torch.Tensor) -> None:
+        """Multiply factor ``t``'s entries by ``signs[t]`` (+1 or -1, ``[k]``) in place."""
+        if not self.sign_symmetric:
+            raise ValueError(f"the {self.name} family is not symmetric about 0: no sign flips")
+        for name in self.location_parameter_names:
+            tensor = getattr(self, name)
+            view = tensor.view(tensor.shape[0], self.k, self.n_values)
+            view.mul_(signs.to(tensor)[None, :, None])
 
     def _index(self, rows) -> torch.Tensor | slice:
         if rows is None:

@@ -45,6 +45,7 @@ class NormalMixture(PriorFamily):
     """
 
     name = "normal_mixture"
+    location_parameter_names = ("mean",)
     n_values = len(GRID_MULTIPLIERS)
     row_parameter_names = ("logits", "mean", "log_prec")
     prior_parameter_names = ("prior_logits",)
