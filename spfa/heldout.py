@@ -95,21 +95,26 @@ def thin_counts(X, fraction=0.1, random_state=None):
     fraction = _check_fraction(fraction)
     rng = check_random_state(random_state)
     if sp.issparse(X):
-        test = sp.csr_matrix(X, dtype=np.float64, copy=True)
-        values = test.data
+        counts = sp.csr_matrix(X, dtype=np.float64, copy=True)
+        counts.sum_duplicates()
+        values = counts.data
     else:
-        test = _dense(X)
-        values = test
+        counts = _dense(X)
+        values = counts
     if np.isnan(values).any():
         raise ValueError("thin_counts needs complete counts; X has NaN entries")
     check_count_values(values, fractional="error")
-    values[...] = rng.binomial(np.rint(values).astype(np.int64), fraction)
-    if sp.issparse(test):
+    # a value within the tolerance of an integer is that count: the split is exact
+    values[...] = np.rint(values)
+    if sp.issparse(counts):
+        test = counts.copy()
+        test.data = rng.binomial(counts.data.astype(np.int64), fraction).astype(np.float64)
         test.eliminate_zeros()
-        train = sp.csr_matrix(X, dtype=np.float64) - test
+        train = counts - test
         train.eliminate_zeros()
     else:
-        train = _dense(X) - test
+        test = rng.binomial(counts.astype(np.int64), fraction).astype(np.float64)
+        train = counts - test
     return train, test
 
 
