@@ -17,6 +17,7 @@ __all__ = [
     "SizeFactorsWarning",
     "check_count_values",
     "check_data",
+    "check_values",
     "dense_rows",
     "check_size_factors",
     "resolve_device",
@@ -107,6 +108,31 @@ def check_count_values(values: np.ndarray, *, fractional: str = "warn") -> bool:
     return integral
 
 
+#: the largest magnitude spfa can compute with (it computes in float32)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_values(values: np.ndarray, likelihood, *, fractional: str = "warn") -> None:
+    """Check stored data values (NaN is missing): no infinities, nothing beyond float32's
+    range, and counts (:func:`check_count_values`) for a count likelihood."""
+    flat = values.reshape(-1)
+    for start in range(0, flat.size, _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        chunk = chunk[~np.isnan(chunk)]
+        if not chunk.size:
+            continue
+        if not np.isfinite(chunk).all():
+            raise ValueError("X has infinite values; mark a missing entry with NaN")
+        largest = float(np.abs(chunk).max())
+        if largest > FLOAT32_MAX:
+            raise ValueError(
+                f"X has values beyond float32's range (|x| up to {largest:.3g} > "
+                f"{FLOAT32_MAX:.3g}); spfa computes in float32: rescale X"
+            )
+    if likelihood.integer_support:
+        check_count_values(values, fractional=fractional)
+
+
 def check_data(estimator, X, *, reset: bool, likelihood):
     """Validate ``X``; sparse input stays sparse (CSR), nothing is densified.
 
@@ -140,10 +166,16 @@ def check_data(estimator, X, *, reset: bool, likelihood):
         ensure_min_samples=2 if reset else 1,
         ensure_min_features=1,
     )
+    if sp.issparse(X):
+        X = sp.csr_matrix(X)
+        if not X.has_canonical_format:
+            # duplicate (i, j) entries mean their sum (scipy's reading); the caller's
+            # matrix is left as it was
+            X = X.copy()
+            X.sum_duplicates()
     # Only the stored values need checking: implicit zeros are valid for every likelihood.
     values = X.data if sp.issparse(X) else X
-    if likelihood.integer_support:
-        check_count_values(values)
+    check_values(values, likelihood)
     everything_stored = not sp.issparse(X) or X.nnz == X.shape[0] * X.shape[1]
     if everything_stored and _all_nan(values):
         raise ValueError("X has no observed entries (every entry is NaN)")
@@ -152,7 +184,7 @@ def check_data(estimator, X, *, reset: bool, likelihood):
             f"X has no observed non-zero entries; the {likelihood.name} likelihood fits only those"
         )
     if sp.issparse(X):
-        return sp.csr_matrix(X)
+        return X
     return np.asarray(X, dtype=np.float64)
 
 
@@ -262,9 +294,26 @@ def resolve_device(device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device={device!r} is not a valid torch device") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        available = torch.cuda.is_available()
+        if available and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r} was requested but only {torch.cuda.device_count()} CUDA "
+                "device(s) are present"
+            )
+    else:  # mps, xpu, ...: whatever this torch build and machine have
+        backend = getattr(torch, dev.type, None) or getattr(torch.backends, dev.type, None)
+        is_available = getattr(backend, "is_available", None)
+        try:
+            available = bool(is_available()) if callable(is_available) else False
+        except Exception:  # noqa: BLE001 - a backend this build lacks may raise anything
+            available = False
+    if not available:
         raise ValueError(
-            f"device={device!r} was requested but CUDA is not available; use device='cpu' or 'auto'"
+            f"device={device!r} was requested but {dev.type} is not available in this torch "
+            "build or on this machine; use device='cpu' or 'auto'"
         )
     return dev
 

@@ -178,6 +178,36 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         self.verbose = verbose
 
     # ------------------------------------------------------------- validation
+    #: parameters that shape the fitted model: changing them after ``fit`` (``set_params``)
+    #: leaves a model that no longer matches the fitted state
+    STRUCTURAL_PARAMS = (
+        "n_components",
+        "likelihood",
+        "link",
+        "prior",
+        "fit_intercept",
+        "library_size",
+    )
+
+    def _structure(self) -> dict:
+        params = self.get_params(deep=False)
+        return {name: params[name] for name in self.STRUCTURAL_PARAMS}
+
+    def _check_fitted(self) -> None:
+        """Fitted, and with the parameters the fit had (a ValueError names a change)."""
+        check_is_fitted(self)
+        fitted = getattr(self, "fitted_params_", None)  # None in files saved before it
+        if fitted is None:
+            return
+        now = self._structure()
+        changed = [name for name in fitted if name in now and now[name] != fitted[name]]
+        if changed:
+            diffs = ", ".join(f"{n}={fitted[n]!r} at fit, {now[n]!r} now" for n in changed)
+            raise ValueError(
+                f"parameters changed since fit ({diffs}): the fitted model no longer matches "
+                "them; refit, or set them back"
+            )
+
     def _make_likelihood(self):
         return get_likelihood(self.likelihood, self.link)
 
@@ -244,6 +274,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         for name, value in fitting.fit_attributes(fit, X).items():
             setattr(self, name, value)
         self.training_size_factors_ = s
+        self.fitted_params_ = self._structure()
         self._n_features_out = self.n_components
         if not fit.result.converged and not fit.result.message:
             warnings.warn(
@@ -260,7 +291,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
 
     def get_model(self):
         """The fitted :class:`spfa.model.SparseFactorModel` (training rows), on ``device_``."""
-        check_is_fitted(self)
+        self._check_fitted()
         n = self.state_dict_["loadings.mean"].shape[0]
         settings = self._settings(self.device_)
         likelihood = self._make_likelihood()
@@ -268,7 +299,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
 
     # -------------------------------------------------------------- new rows
     def _fit_rows(self, X, size_factors):
-        check_is_fitted(self)
+        self._check_fitted()
         likelihood = self._make_likelihood()
         X, s = self._data(X, size_factors, reset=False, likelihood=likelihood)
         settings = self._settings(self.device_)
@@ -305,7 +336,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         """The features of each kept factor with PIP >= ``min_pip``, ranked by
         ``|E[f_jk]|``: records ``component, rank, feature, index, pip, mean, sd, lfsr``
         (see :func:`spfa.posterior.top_features`)."""
-        check_is_fitted(self)
+        self._check_fitted()
         default = np.array([f"x{j}" for j in range(self.n_features_in_)], dtype=object)
         names = getattr(self, "feature_names_in_", default)
         post = self.factors_posterior()
@@ -313,14 +344,16 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
 
     def inverse_transform(self, Z):
         """Expected data ``h(Z E[F]^T + b)`` on the mean scale (size factor 1), ``(n, p)``."""
-        check_is_fitted(self)
+        self._check_fitted()
         Z = np.asarray(Z, dtype=np.float64)
         if Z.ndim != 2 or Z.shape[1] != self.n_components:
             raise ValueError(f"Z must have shape (n_samples, {self.n_components}), got {Z.shape}")
         lik = fitting.fitted_likelihood(
             self.state_dict_, self.n_features_in_, self._make_likelihood(), self._settings("cpu")
         )
-        return lik.double().mean(torch.as_tensor(Z @ self.components_ + self.intercept_)).numpy()
+        with torch.no_grad():
+            eta = torch.as_tensor(Z @ self.components_ + self.intercept_)
+            return lik.double().mean(eta).numpy()
 
     def sample(self, n_draws=1, *, size_factors=None, random_state=None):
         """Posterior predictive data sets of the training rows, ``(n_draws, n, p)``:
@@ -337,7 +370,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     def save(self, path) -> None:
         """Save the fit to ``path`` in a format that runs no code on load
         (:mod:`spfa.persistence`); read it with :meth:`load`."""
-        check_is_fitted(self)
+        self._check_fitted()
         save_estimator(self, path)
 
     @classmethod

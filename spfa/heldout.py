@@ -29,7 +29,7 @@ from sklearn.base import clone
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from ._validation import check_count_values, check_positive_int, check_size_factors
+from ._validation import check_count_values, check_positive_int, check_size_factors, check_values
 from .likelihoods import get_likelihood
 
 __all__ = ["mask_entries", "thin_counts", "heldout_log_likelihood", "heldout_score"]
@@ -161,6 +161,7 @@ def heldout_log_likelihood(
     model = estimator.get_model()
     n, p = model.loadings.m, estimator.n_features_in_
     X = sp.csr_matrix(X) if sp.issparse(X) else _dense(X)  # sparse: no copy, own dtype
+    check_values(X.data if sp.issparse(X) else X, model.likelihood)
     if X.shape != (n, p):
         raise ValueError(
             f"X has shape {X.shape}; heldout_log_likelihood scores the training rows, ({n}, {p})"

@@ -77,6 +77,7 @@ def _all_finite(params) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
+@torch.enable_grad()  # a fit called inside torch.no_grad() still needs gradients
 def train(
     module: torch.nn.Module,
     objective: Callable[[], ELBOTerms],

@@ -204,8 +204,17 @@ def test_tensorboard_tags_written(tmp_path, counts):
 def test_cuda_unavailable_is_an_error(counts):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    with pytest.raises(ValueError, match="CUDA is not available"):
+    with pytest.raises(ValueError, match="cuda is not available"):
         SparseFactorAnalysis(2, device="cuda").fit(counts)
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "meta:0"])
+def test_other_unavailable_devices_are_a_value_error(counts, device):
+    backend = getattr(torch, device.split(":")[0], None)
+    if backend is not None and getattr(backend, "is_available", lambda: False)():
+        pytest.skip(f"{device} is available here")
+    with pytest.raises(ValueError, match="is not available"):
+        SparseFactorAnalysis(2, device=device).fit(counts)
 
 
 @pytest.mark.cuda

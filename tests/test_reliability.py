@@ -1,0 +1,115 @@
+"""Adversarial inputs and faults: each handled, with a ValueError that names the problem
+or a finite fit, never a NaN result, another exception type or a silent change of data."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from spfa import SparseFactorAnalysis
+from spfa.heldout import heldout_log_likelihood
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+FAST = {"max_iter": 200, "random_state": 0}
+
+
+@pytest.fixture
+def counts():
+    rng = np.random.default_rng(0)
+    L, F = rng.normal(size=(40, 2)), rng.normal(size=(15, 2))
+    return rng.poisson(np.exp(0.5 + 0.5 * L @ F.T)).astype(float)
+
+
+def test_duplicate_sparse_entries_are_summed_as_scipy_reads_them(counts):
+    """A CSR matrix with a duplicate (i, j) is fitted as the sum, like its dense form;
+    the caller's matrix is not modified."""
+    dense = sp.csr_matrix(counts)
+    coo = dense.tocoo()
+    # split every stored value v into (v - 1) + 1 at the same (i, j): same matrix to scipy
+    keep = coo.data > 1
+    rows = np.concatenate([coo.row, coo.row[keep]])
+    cols = np.concatenate([coo.col, coo.col[keep]])
+    vals = np.concatenate([np.where(keep, coo.data - 1, coo.data), np.ones(keep.sum())])
+    order = np.lexsort((cols, rows))
+    dup = sp.csr_matrix(
+        (vals[order], cols[order], np.r_[0, np.cumsum(np.bincount(rows, minlength=40))]),
+        shape=counts.shape,
+    )
+    assert not dup.has_canonical_format
+    np.testing.assert_array_equal(dup.toarray(), counts)
+    before = dup.data.copy()
+    a = SparseFactorAnalysis(2, **FAST).fit(dup)
+    b = SparseFactorAnalysis(2, **FAST).fit(dense)
+    np.testing.assert_allclose(a.loadings_, b.loadings_, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(dup.data, before)  # the input is untouched
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "poisson"])
+def test_values_beyond_float32_range_are_refused(likelihood):
+    X = np.ones((10, 4))
+    X[3, 2] = 1e39
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        SparseFactorAnalysis(2, likelihood=likelihood, **FAST).fit(X)
+
+
+@pytest.mark.parametrize(
+    "bad, match", [(np.inf, "infinite values"), (-3.0, "negative values"), (1e40, "float32")]
+)
+def test_heldout_scoring_validates_x(counts, bad, match):
+    est = SparseFactorAnalysis(2, **FAST).fit(counts)
+    X = counts.copy()
+    X[1, 1] = bad
+    with pytest.raises(ValueError, match=match):
+        heldout_log_likelihood(est, X, n_draws=2)
+    with pytest.raises(ValueError, match=match):
+        heldout_log_likelihood(est, sp.csr_matrix(X), n_draws=2)
+
+
+def test_fit_inside_no_grad_works(counts):
+    ref = SparseFactorAnalysis(2, **FAST).fit(counts)
+    with torch.no_grad():
+        est = SparseFactorAnalysis(2, **FAST).fit(counts)
+        Z = est.transform(counts[:5])
+    np.testing.assert_allclose(est.loadings_, ref.loadings_, rtol=1e-6)
+    assert np.isfinite(Z).all()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"n_components": 3},
+        {"likelihood": "gaussian"},
+        {"link": "softplus"},
+        {"prior": "point_exponential"},
+        {"fit_intercept": False},
+        {"library_size": False},
+    ],
+)
+def test_structural_parameters_changed_after_fit_are_named(counts, change):
+    est = SparseFactorAnalysis(2, **FAST).fit(counts)
+    est.set_params(**change)
+    name = next(iter(change))
+    for method in (
+        lambda: est.transform(counts[:3]),
+        lambda: est.inverse_transform(np.zeros((1, 2))),
+        est.factors_posterior,
+        lambda: est.score(counts[:3]),
+    ):
+        with pytest.raises(ValueError, match=f"parameters changed since fit \\({name}="):
+            method()
+
+
+def test_settings_that_do_not_shape_the_model_may_change_after_fit(counts):
+    est = SparseFactorAnalysis(2, **FAST).fit(counts)
+    est.set_params(max_iter=50, learning_rate=0.01, verbose=0, tol=1e-3)
+    assert np.isfinite(est.transform(counts[:3])).all()
+
+
+@pytest.mark.parametrize(
+    "likelihood", ["zinb", "zip", "zt_poisson", "negative_binomial_full", "gaussian"]
+)
+def test_inverse_transform_of_every_likelihood_is_finite(counts, likelihood):
+    X = counts if likelihood != "gaussian" else np.log1p(counts)
+    est = SparseFactorAnalysis(2, likelihood=likelihood, **FAST).fit(X)
+    M = est.inverse_transform(est.loadings_)
+    assert M.shape == X.shape and np.isfinite(M).all()
