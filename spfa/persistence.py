@@ -98,14 +98,45 @@ def save_estimator(estimator, path) -> None:
     payload["arrays"] = arrays
     payload["state"] = {k: v.detach().cpu().clone() for k, v in getattr(estimator, _STATE).items()}
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    if path.is_symlink():
+        path = path.resolve()  # write through the link to its target; the link stays
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory", str(path))
+    # a short temporary name beside the target (a 255-byte name leaves no room to extend
+    # it), written, synced to disk, then renamed over the target in one step
+    fd, tmp = tempfile.mkstemp(prefix=".spfa-", suffix=".tmp", dir=path.parent)
     try:
-        torch.save(payload, tmp)
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode())
         os.replace(tmp, path)
+        _sync_directory(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _new_file_mode() -> int:
+    """The mode a new file gets under the process's umask (mkstemp's is always 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the rename durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _read(path) -> dict:
@@ -135,13 +166,44 @@ def _read(path) -> dict:
 
 
 def load_estimator(cls, path, device="cpu"):
-    """Read an estimator written by :func:`save_estimator`; see ``cls.load``."""
+    """Read an estimator written by :func:`save_estimator`; see ``cls.load``.
+
+    Anything in the file that a save would not have written -- wrong types, unknown
+    parameters or attribute names, out-of-range parameters, a non-finite model state --
+    is a ``ValueError`` naming it.
+    """
     payload = _read(path)
+    try:
+        return _build(cls, payload, path, device)
+    except (TypeError, KeyError, AttributeError, IndexError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{path}: malformed spfa model file ({type(err).__name__}: {err})"
+        ) from err
+
+
+def _check_attribute_name(cls, name, params, path) -> None:
+    """Only names a fit sets: public identifiers ending in ``_``, none that would shadow
+    a method, property or parameter of the class."""
+    ok = (
+        isinstance(name, str)
+        and name.isidentifier()
+        and name.endswith("_")
+        and not name.startswith("_")
+        and not hasattr(cls, name)
+        and name not in params
+    )
+    if not ok:
+        raise ValueError(f"{path}: not a fitted attribute name: {name!r}")
+
+
+def _build(cls, payload, path, device):
     try:
         params = json.loads(payload["params"])
         meta = json.loads(payload["attributes"])
     except (TypeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: corrupt metadata ({err})") from err
+    if not isinstance(params, dict) or not isinstance(meta, dict):
+        raise ValueError(f"{path}: corrupt metadata (params and attributes must be objects)")
     unknown = set(params) - set(cls().get_params(deep=False))
     if unknown:
         raise ValueError(
@@ -151,17 +213,36 @@ def load_estimator(cls, path, device="cpu"):
     target = resolve_device(device)
     params["device"] = str(target)
     estimator = cls(**params)
+    try:
+        estimator._settings(target)  # every parameter in range, as fit would check
+        estimator._make_likelihood()
+    except ValueError as err:
+        raise ValueError(f"{path}: invalid parameters ({err})") from err
+    arrays, state = payload["arrays"], payload["state"]
+    if not isinstance(arrays, dict) or not isinstance(state, dict):
+        raise ValueError(f"{path}: corrupt file (arrays and state must be dictionaries)")
     for name, entry in meta.items():
+        _check_attribute_name(cls, name, params, path)
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ValueError(f"{path}: corrupt entry for attribute {name!r}")
         if "strings" in entry:
-            value = np.asarray(entry["strings"], dtype=object)
+            value = np.asarray([str(v) for v in entry["strings"]], dtype=object)
         elif "device" in entry:
             value = target
         else:
             value = entry["value"]
         setattr(estimator, name, value)
-    for name, tensor in payload["arrays"].items():
+    for name, tensor in arrays.items():
+        _check_attribute_name(cls, name, params, path)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{path}: attribute {name!r} is not an array")
         setattr(estimator, name, tensor.numpy())
-    state = dict(payload["state"])
+    for key, tensor in state.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{path}: corrupt model state entry {key!r}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: the model state {key!r} is not finite")
+    state = dict(state)
     if payload["format_version"] < 2:
         state = _migrate_state_1(state, params.get("likelihood"))
     setattr(estimator, _STATE, state)

@@ -194,3 +194,84 @@ def test_format_1_files_load(tmp_path, likelihood):
     torch.save(payload, tmp_path / "old.spfa")
     back = SparseFactorAnalysis.load(tmp_path / "old.spfa")
     np.testing.assert_array_equal(back.transform(X.iloc[:5]), est.transform(X.iloc[:5]))
+
+
+def _crafted(path, tmp_path):
+    """A corpus of files a save would never write, each from a real one: (name, edit)."""
+    payload = torch.load(path, weights_only=True)
+    params = json.loads(payload["params"])
+    meta = json.loads(payload["attributes"])
+    state = dict(payload["state"])
+
+    def with_params(**kw):
+        return {"params": json.dumps({**params, **kw})}
+
+    def with_meta(**kw):
+        return {"attributes": json.dumps({**meta, **kw})}
+
+    nan_state = {**state, "factors.mean": torch.full_like(state["factors.mean"], float("nan"))}
+    return {
+        "params not JSON text": {"params": 5},
+        "params a list": {"params": json.dumps([1, 2])},
+        "attributes a list": {"attributes": json.dumps([1])},
+        "max_iter -1": with_params(max_iter=-1),
+        "n_components 0": with_params(n_components=0),
+        "learning_rate nan": with_params(learning_rate=float("nan")),
+        "unknown likelihood": with_params(likelihood="bernoulli"),
+        "unknown prior": with_params(prior="horseshoe"),
+        "private attribute": with_meta(_secret={"value": 1}),
+        "method shadowed": with_meta(fit={"value": 1}),
+        "parameter shadowed": with_meta(max_iter={"value": 1}),
+        "not an identifier": with_meta(**{"a b_": {"value": 1}}),
+        "attribute entry not a dict": with_meta(elbo_=3.0),
+        "arrays not a dict": {"arrays": [torch.ones(2)]},
+        "array not a tensor": {"arrays": {**payload["arrays"], "loadings_": "text"}},
+        "array name private": {"arrays": {**payload["arrays"], "_x": torch.ones(2)}},
+        "state not a dict": {"state": [1, 2]},
+        "state value not a tensor": {"state": {**state, "factors.mean": "text"}},
+        "state NaN": {"state": nan_state},
+        "state missing a key": {"state": {k: v for k, v in state.items() if k != "factors.mean"}},
+        "format_version not int": {"format_version": "2"},
+    }
+
+
+def test_crafted_files_are_value_errors_naming_the_problem(tmp_path, fitted):
+    est, X = fitted
+    est.save(tmp_path / "fit.spfa")
+    corpus = _crafted(tmp_path / "fit.spfa", tmp_path)
+    for name, change in corpus.items():
+        out = tmp_path / "crafted.spfa"
+        _edit(tmp_path / "fit.spfa", out, **change)
+        with pytest.raises(ValueError) as raised:
+            SparseFactorAnalysis.load(out)
+        assert str(out) in str(raised.value), (name, raised.value)
+    # and the untouched file still loads and transforms as before
+    back = SparseFactorAnalysis.load(tmp_path / "fit.spfa")
+    np.testing.assert_array_equal(back.components_, est.components_)
+
+
+def test_save_keeps_links_modes_and_long_names(tmp_path, fitted):
+    est, _ = fitted
+    # a valid 250-character name (the temporary name must not be longer)
+    long = tmp_path / ("m" * 245 + ".spfa")
+    est.save(long)
+    assert SparseFactorAnalysis.load(long).n_components == est.n_components
+    # a symlink at the target stays a link; its target gets the file
+    real = tmp_path / "real.spfa"
+    link = tmp_path / "link.spfa"
+    real.write_bytes(b"old")
+    link.symlink_to(real)
+    est.save(link)
+    assert link.is_symlink() and SparseFactorAnalysis.load(real).n_components == 3
+    # a new file's mode follows the umask; an existing file keeps its mode
+    old = os.umask(0o022)
+    try:
+        est.save(tmp_path / "new.spfa")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.spfa").stat().st_mode & 0o777 == 0o644
+    os.chmod(real, 0o640)
+    est.save(link)
+    assert real.stat().st_mode & 0o777 == 0o640
+    # nothing is left behind
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
