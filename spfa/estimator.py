@@ -120,7 +120,9 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     state_dict_ : dict of Tensor
         The fitted torch module's state (:meth:`get_model` rebuilds it).
     elbo_, n_iter_ : float, int
-        ELBO of the training data (mean over the last window); passes.
+        ELBO of the fitted model (pruned factors off) on the training data, with
+        fixed-seed draws where it has no closed form (a minibatch fit of more than
+        2^23 entries estimates it from a random subset of its batches); passes.
     history_ : dict of lists
         ``"elbo"``, ``"err"``, ``"kl_l"``, ``"kl_f"``, ``"kl_b"`` per pass,
         and the learned priors per window (``"step"``).

@@ -392,6 +392,7 @@ class Fit:
     contribution: np.ndarray  # (k,) ELBO contribution, in the final order
     order: np.ndarray  # (k,) new factor i was factor order[i] in training
     prior_history: dict
+    elbo: float  # of the model returned, on the training data (pruned factors off)
 
 
 def fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
@@ -428,14 +429,14 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
         result = _train(model, objective, data, settings, monitor)
     finally:
         monitor.close()
-    contribution, order = prune_and_rank(model, paired_elbo(data, model, settings))
+    contribution, order, elbo = prune_and_rank(model, paired_elbo(data, model, settings))
     # per-window priors were recorded in training order; report them in the final one
     history = {}
     for key, windows in monitor.prior_history.items():
         if key != "step":
             windows = [np.asarray(w)[order].tolist() for w in windows]
         history[key] = windows
-    return Fit(model, result, contribution, order, history)
+    return Fit(model, result, contribution, order, history, elbo)
 
 
 def fit_rows(state, X, s, likelihood, settings: FitSettings, rng):
@@ -522,7 +523,7 @@ def _switch(model: SparseFactorModel, k: int, on: bool) -> None:
         side.active[k] = 1.0 if on else 0.0
 
 
-def prune_and_rank(model: SparseFactorModel, elbo) -> tuple[np.ndarray, np.ndarray]:
+def prune_and_rank(model: SparseFactorModel, elbo) -> tuple[np.ndarray, np.ndarray, float]:
     """Switch off the factors the data do not support; order the rest by ELBO contribution.
 
     *Pruning.* A factor the data do not support ends training with a
@@ -579,7 +580,7 @@ def prune_and_rank(model: SparseFactorModel, elbo) -> tuple[np.ndarray, np.ndarr
     model.loadings.permute_(index)
     model.factors.permute_(index)
     orient_(model)
-    return contribution[order], order
+    return contribution[order], order, best
 
 
 def orient_(model: SparseFactorModel) -> None:
@@ -643,8 +644,7 @@ def fit_attributes(fit: Fit, X) -> dict:
         out["explained_variance_ratio_"] = explained_variance_ratio(
             X, out["loadings_"], out["components_"]
         )
-    elbo = fit.result.history["elbo"]
-    out["elbo_"] = float(np.mean(elbo[-50:])) if elbo else float("nan")
+    out["elbo_"] = float(fit.elbo)
     return out
 
 

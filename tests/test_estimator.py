@@ -356,7 +356,7 @@ def test_prune_and_rank_reuses_trials_exactly(late_prune):
         calls.append(on)
         return float(weight @ on + 0.7 * on[1] * on[3])
 
-    contribution, order = prune_and_rank(model, elbo)
+    contribution, order, _ = prune_and_rank(model, elbo)
     kept = sorted({1, 3} | (set() if late_prune else {2}))
     np.testing.assert_array_equal(np.sort(order[: len(kept)]), kept)
     final = np.isin(np.arange(k), kept).astype(float)

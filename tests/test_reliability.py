@@ -113,3 +113,35 @@ def test_inverse_transform_of_every_likelihood_is_finite(counts, likelihood):
     est = SparseFactorAnalysis(2, likelihood=likelihood, **FAST).fit(X)
     M = est.inverse_transform(est.loadings_)
     assert M.shape == X.shape and np.isfinite(M).all()
+
+
+def _degenerate():
+    rng = np.random.default_rng(0)
+    u, v = rng.normal(size=(30, 1)), rng.normal(size=(1, 20))
+    return {
+        "exactly rank one": u @ v,
+        "identical rows": np.tile(v, (30, 1)),
+        "constant": np.full((30, 20), 2.5),
+        "all zero": np.zeros((30, 20)),
+        "rank one and constant columns": np.hstack([u @ v, np.ones((30, 3))]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_degenerate()))
+def test_degenerate_gaussian_data_give_a_finite_fit(name):
+    """Data the model explains exactly: the noise floor keeps every result finite."""
+    X = _degenerate()[name]
+    est = SparseFactorAnalysis(2, likelihood="gaussian", random_state=0).fit(X)
+    assert np.isfinite(est.elbo_) and np.isfinite(est.elbo_contribution_).all()
+    Z = est.transform(X)
+    M = est.inverse_transform(Z)
+    assert np.isfinite(Z).all() and np.isfinite(M).all()
+    np.testing.assert_allclose(M, X, atol=0.02 * max(1.0, np.abs(X).max()))
+
+
+def test_elbo_is_that_of_the_returned_model(counts):
+    """elbo_ is the pruned, ranked model's ELBO on the training data: no factor can be
+    switched off for a higher one, and it is finite where training had to roll back."""
+    est = SparseFactorAnalysis(3, learning_rate=50.0, **FAST).fit(counts)
+    assert np.isfinite(est.elbo_)
+    assert np.all(est.elbo_contribution_[est.active_components_] > 0)

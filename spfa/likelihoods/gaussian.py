@@ -19,7 +19,8 @@ class Gaussian(Likelihood):
     ``expectation`` rule): ``E[(x - eta)^2] = (x - E[eta])^2 + V[eta]``.
 
     The noise variance is bounded below by ``1e-6`` times the average feature
-    variance, so a feature the model explains exactly (e.g. a constant one)
+    variance (or, where the features are constant, ``1e-6`` times their mean square),
+    so data the model explains exactly (constant features, exactly low-rank data)
     cannot drive the ELBO to infinity; the bound never binds on noisy data.
 
     Parameters
@@ -38,10 +39,18 @@ class Gaussian(Likelihood):
 
     def initialize(self, feature_mean, feature_var):
         var = np.asarray(feature_var, dtype=float)
-        scale = float(np.mean(var)) if np.mean(var) > 0 else 1.0
-        floor = 1e-6 * scale
+        if "var_floor" not in self._buffers:
+            # the floor is set once, by the first summaries: the initialisation gives the
+            # data's own feature variances first and the low-rank residual's after, which
+            # is ~0 on exactly low-rank data (a floor from it would not bound anything)
+            # where every feature is (nearly) constant, their variance is rounding
+            # (~1e-32): their mean square sets the scale then
+            magnitude = float(np.mean(np.asarray(feature_mean, dtype=float) ** 2))
+            scale = float(np.mean(var))
+            scale = scale if scale > 1e-6 * magnitude else magnitude
+            self.register_buffer("var_floor", torch.tensor(1e-6 * (scale if scale > 0 else 1.0)))
+        floor = float(self.var_floor)
         raw = np.log(np.maximum(var - floor, floor))
-        self.register_buffer("var_floor", torch.tensor(floor))
         self.log_noise_var = torch.nn.Parameter(torch.as_tensor(raw).float())
 
     @property
