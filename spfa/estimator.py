@@ -265,6 +265,34 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         -------
         self
         """
+        previous = dict(vars(self))
+        try:
+            fit = self._fit(X, size_factors, init_loadings, init_factors)
+            if fit.result.interrupted and not fit.result.history["elbo"]:
+                raise KeyboardInterrupt(
+                    f"SparseFactorAnalysis.fit {fit.result.message}: no window was completed, "
+                    "so the estimator keeps its state from before the fit"
+                )
+        except BaseException:
+            # a fit that fails (or a second Ctrl-C) leaves the previous fit as it was
+            vars(self).clear()
+            vars(self).update(previous)
+            raise
+        if fit.result.interrupted:
+            # the fit keeps the last checked state, and the interrupt goes on to the caller
+            raise KeyboardInterrupt(
+                f"SparseFactorAnalysis.fit {fit.result.message}; the estimator holds that fit"
+            )
+        if not fit.result.converged and not fit.result.message:
+            warnings.warn(
+                f"SparseFactorAnalysis stopped at max_iter={self.max_iter} before the "
+                "ELBO converged; increase max_iter or learning_rate",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return self
+
+    def _fit(self, X, size_factors, init_loadings, init_factors) -> fitting.Fit:
         settings = self._settings()
         likelihood = self._make_likelihood()
         clear_fitted(self)  # a refit (e.g. with another prior) leaves nothing stale
@@ -278,14 +306,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         self.training_size_factors_ = s
         self.fitted_params_ = self._structure()
         self._n_features_out = self.n_components
-        if not fit.result.converged and not fit.result.message:
-            warnings.warn(
-                f"SparseFactorAnalysis stopped at max_iter={self.max_iter} before the "
-                "ELBO converged; increase max_iter or learning_rate",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-        return self
+        return fit
 
     def fit_transform(self, X, y=None, **fit_params):
         """Fit, then return the posterior mean loadings ``E[L]`` of ``X``, ``(n, k)``."""

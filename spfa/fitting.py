@@ -465,6 +465,8 @@ def fit_rows(state, X, s, likelihood, settings: FitSettings, rng):
         result = _train(
             model, objective, data, settings, n_plateaus=1 if exact else 2, description="transform"
         )
+    if result.interrupted:  # new rows' loadings are not kept: there is nowhere to keep them
+        raise KeyboardInterrupt(result.message)
     return model, data, result
 
 

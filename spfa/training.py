@@ -42,6 +42,8 @@ class TrainResult:
     #: learning-rate reductions forced by non-finite values
     n_rollbacks: int = 0
     message: str = ""
+    #: stopped by KeyboardInterrupt (the module holds the last checked state)
+    interrupted: bool = False
 
 
 def _snapshot(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple:
@@ -154,71 +156,82 @@ def train(
     scale = 1.0 / max(n_observed, 1)
     it = 0
     window_start = 0
-    while it < max_iter:
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        terms = objective()
-        loss = -terms.elbo * scale
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        buffer.append(terms.stacked())
-        it += 1
-        if len(buffer) < check_every and it < max_iter:
-            continue
+    interrupted = False
+    try:
+        while it < max_iter:
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            terms = objective()
+            loss = -terms.elbo * scale
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            buffer.append(terms.stacked())
+            it += 1
+            if len(buffer) < check_every and it < max_iter:
+                continue
 
-        values = torch.stack(buffer).cpu().double().numpy()
-        buffer = []
-        if steps_per_record > 1:
-            whole = len(values) // steps_per_record * steps_per_record
-            values = values[:whole].reshape(-1, steps_per_record, values.shape[1]).mean(1)
-        if not (np.isfinite(values).all() and _all_finite(params)):
-            rollbacks += 1
-            if rollbacks > max_rollbacks:
-                _restore(module, optimizers, snapshot, lr)
-                message = (
-                    f"the ELBO became non-finite {rollbacks} times even after the "
-                    f"learning rate was reduced to {lr:.2e}; stopped at the last "
-                    "finite state"
-                )
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
-                break
-            lr = lr / 4.0
-            _restore(module, optimizers, snapshot, lr)
-            logger.info("step %d: non-finite ELBO; rolled back, lr -> %.2e", it, lr)
-            # the failed window's steps are not recorded; the budget is still spent
-            window_start = it
-            continue
-
-        for j, name in enumerate(ELBOTerms.NAMES):
-            history[name].extend(values[:, j].tolist())
-        if on_window is not None:
-            on_window(window_start // steps_per_record, values)
-        window_start = it
-        snapshot = _snapshot(module, optimizers)
-
-        elbo = values[:, 0]
-        mean, var = elbo.mean(), elbo.var(ddof=1) if len(elbo) > 1 else 0.0
-        if steps_per_record > 1:
-            var = 0.0  # records are whole passes: no batch-to-batch spread
-        if progress is not None:
-            progress(it // steps_per_record, float(mean) * scale)
-        logger.debug(
-            "%s %6d  elbo %.6g  lr %.2e",
-            "step" if steps_per_record == 1 else "pass",
-            it // steps_per_record,
-            mean,
-            lr,
-        )
-        if prev_mean is not None and len(elbo) * steps_per_record == check_every:
-            se = math.sqrt((var + prev_var) / len(elbo))
-            if mean - prev_mean < tol * abs(mean) + 2.0 * se:
-                plateaus += 1
-                if plateaus >= n_plateaus:
-                    converged = True
+            values = torch.stack(buffer).cpu().double().numpy()
+            buffer = []
+            if steps_per_record > 1:
+                whole = len(values) // steps_per_record * steps_per_record
+                values = values[:whole].reshape(-1, steps_per_record, values.shape[1]).mean(1)
+            if not (np.isfinite(values).all() and _all_finite(params)):
+                rollbacks += 1
+                if rollbacks > max_rollbacks:
+                    _restore(module, optimizers, snapshot, lr)
+                    message = (
+                        f"the ELBO became non-finite {rollbacks} times even after the "
+                        f"learning rate was reduced to {lr:.2e}; stopped at the last "
+                        "finite state"
+                    )
+                    warnings.warn(message, RuntimeWarning, stacklevel=3)
                     break
-                lr = lr / plateau_factor
-                _set_lr(optimizers, lr)
-        prev_mean, prev_var = mean, var
+                lr = lr / 4.0
+                _restore(module, optimizers, snapshot, lr)
+                logger.info("step %d: non-finite ELBO; rolled back, lr -> %.2e", it, lr)
+                # the failed window's steps are not recorded; the budget is still spent
+                window_start = it
+                continue
 
-    return TrainResult(it, converged, history, rollbacks, message)
+            for j, name in enumerate(ELBOTerms.NAMES):
+                history[name].extend(values[:, j].tolist())
+            if on_window is not None:
+                on_window(window_start // steps_per_record, values)
+            window_start = it
+            snapshot = _snapshot(module, optimizers)
+
+            elbo = values[:, 0]
+            mean, var = elbo.mean(), elbo.var(ddof=1) if len(elbo) > 1 else 0.0
+            if steps_per_record > 1:
+                var = 0.0  # records are whole passes: no batch-to-batch spread
+            if progress is not None:
+                progress(it // steps_per_record, float(mean) * scale)
+            logger.debug(
+                "%s %6d  elbo %.6g  lr %.2e",
+                "step" if steps_per_record == 1 else "pass",
+                it // steps_per_record,
+                mean,
+                lr,
+            )
+            if prev_mean is not None and len(elbo) * steps_per_record == check_every:
+                se = math.sqrt((var + prev_var) / len(elbo))
+                if mean - prev_mean < tol * abs(mean) + 2.0 * se:
+                    plateaus += 1
+                    if plateaus >= n_plateaus:
+                        converged = True
+                        break
+                    lr = lr / plateau_factor
+                    _set_lr(optimizers, lr)
+            prev_mean, prev_var = mean, var
+    except KeyboardInterrupt:
+        # keep the last checked state (finite, and the best the stopping rule has seen);
+        # the caller decides whether to go on, and re-raises
+        _restore(module, optimizers, snapshot, lr)
+        interrupted = True
+        message = (
+            f"interrupted at step {it}; the state of step {window_start}, the last one "
+            "checked, was kept"
+        )
+
+    return TrainResult(it, converged, history, rollbacks, message, interrupted)

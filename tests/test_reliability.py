@@ -8,6 +8,7 @@ import torch
 
 from spfa import SparseFactorAnalysis
 from spfa.heldout import heldout_log_likelihood
+from spfa.model import ELBOTerms
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 FAST = {"max_iter": 200, "random_state": 0}
@@ -145,3 +146,92 @@ def test_elbo_is_that_of_the_returned_model(counts):
     est = SparseFactorAnalysis(3, learning_rate=50.0, **FAST).fit(counts)
     assert np.isfinite(est.elbo_)
     assert np.all(est.elbo_contribution_[est.active_components_] > 0)
+
+
+# ---------------------------------------------------------------- fault injection
+class _Fault:
+    """Wraps ``RowBatches.step_terms``: at step ``at`` it raises ``error`` or returns
+    non-finite terms."""
+
+    def __init__(self, monkeypatch, at, error=None, nan=False):
+        import spfa.data
+
+        self.calls = 0
+        original = spfa.data.RowBatches.step_terms
+
+        def step_terms(batches, model, expectation, generator):
+            self.calls += 1
+            terms = original(batches, model, expectation, generator)
+            if self.calls == at:
+                if error is not None:
+                    raise error
+                if nan:
+                    return ELBOTerms(terms.err * float("nan"), terms.kl_l, terms.kl_f, terms.kl_b)
+            return terms
+
+        monkeypatch.setattr(spfa.data.RowBatches, "step_terms", step_terms)
+
+
+@pytest.mark.parametrize("at", [130, 333])
+def test_an_interrupted_fit_keeps_its_last_checked_state(counts, monkeypatch, at):
+    _Fault(monkeypatch, at, KeyboardInterrupt())
+    est = SparseFactorAnalysis(3, max_iter=1000, tol=0.0, random_state=0)  # no early stop
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step"):
+        est.fit(counts)
+    # fitted, from the last window the stopping rule checked (every 50 steps)
+    assert est.n_iter_ == at - 1 and len(est.history_["elbo"]) == (at - 1) // 50 * 50
+    assert np.isfinite(est.elbo_) and np.isfinite(est.components_).all()
+    monkeypatch.undo()
+    assert np.isfinite(est.transform(counts[:4])).all()
+
+
+def test_an_interrupt_before_the_first_checked_window_keeps_the_previous_state(counts, monkeypatch):
+    from sklearn.exceptions import NotFittedError
+
+    _Fault(monkeypatch, 7, KeyboardInterrupt())
+    est = SparseFactorAnalysis(3, max_iter=1000, random_state=0)
+    with pytest.raises(KeyboardInterrupt, match="no window was completed"):
+        est.fit(counts)
+    with pytest.raises(NotFittedError):
+        est.transform(counts)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_a_failed_refit_leaves_the_previous_fit_intact(counts, monkeypatch, error):
+    est = SparseFactorAnalysis(2, **FAST).fit(counts)
+    before = {k: v for k, v in vars(est).items()}
+    components = est.components_.copy()
+    # a refit on other data that fails during training (an interrupt before the first
+    # checked window has no state to keep)
+    _Fault(monkeypatch, 3, error)
+    with pytest.raises(type(error)):
+        est.fit(counts[:, :10])
+    monkeypatch.undo()
+    assert set(vars(est)) == set(before) and est.n_features_in_ == counts.shape[1]
+    np.testing.assert_array_equal(est.components_, components)
+    assert np.isfinite(est.transform(counts[:4])).all()
+    # and one that fails validation
+    with pytest.raises(ValueError):
+        est.fit(-counts)
+    np.testing.assert_array_equal(est.components_, components)
+
+
+def test_a_failed_first_fit_leaves_the_estimator_unfitted(counts, monkeypatch):
+    from sklearn.exceptions import NotFittedError
+
+    _Fault(monkeypatch, 10, RuntimeError("boom"))
+    est = SparseFactorAnalysis(2, **FAST)
+    with pytest.raises(RuntimeError, match="boom"):
+        est.fit(counts)
+    assert not hasattr(est, "n_features_in_")
+    with pytest.raises(NotFittedError):
+        est.transform(counts)
+
+
+@pytest.mark.parametrize("at", [1, 49, 50, 160])
+def test_a_non_finite_step_is_rolled_back_and_the_fit_is_finite(counts, monkeypatch, at):
+    fault = _Fault(monkeypatch, at, nan=True)
+    est = SparseFactorAnalysis(3, **FAST).fit(counts)
+    assert fault.calls > at
+    assert np.isfinite(est.elbo_) and np.isfinite(est.components_).all()
+    assert np.isfinite(est.history_["elbo"]).all()
