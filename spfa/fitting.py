@@ -375,12 +375,21 @@ def _train(
 
 
 def _step_groups(model, params) -> list[dict]:
-    """``params`` in two optimiser groups: the variational parameters in log or logit
-    coordinates (:data:`LOG_SCALE_NAMES`) step :data:`LOG_SCALE_STEP` times further."""
+    """``params`` in three optimiser groups: the variational parameters in log or logit
+    coordinates (:data:`LOG_SCALE_NAMES`) step :data:`LOG_SCALE_STEP` times further; those
+    in ``eta``'s units (:meth:`SparseFactorModel.location_parameters`) step
+    ``likelihood.data_unit`` times further, so that Adam, whose steps are in the
+    parameters' own units, fits data in any units alike."""
     names = {id(p): name.rsplit(".", 1)[-1] for name, p in model.named_parameters()}
+    located = {id(p) for p in model.location_parameters()}
     log_scale = [p for p in params if names.get(id(p)) in LOG_SCALE_NAMES]
-    rest = [p for p in params if names.get(id(p)) not in LOG_SCALE_NAMES]
-    return [{"params": rest}, {"params": log_scale, "lr_scale": LOG_SCALE_STEP}]
+    units = [p for p in params if id(p) in located and names.get(id(p)) not in LOG_SCALE_NAMES]
+    rest = [p for p in params if names.get(id(p)) not in LOG_SCALE_NAMES and id(p) not in located]
+    return [
+        {"params": rest},
+        {"params": log_scale, "lr_scale": LOG_SCALE_STEP},
+        {"params": units, "lr_scale": float(model.likelihood.data_unit)},
+    ]
 
 
 @dataclass

@@ -121,8 +121,8 @@ def initialize(
             u, sv, vt = u[:, :k], sv[:k], vt[:k]
         else:
             u, sv, vt = randomized_svd(y_w, k, random_state=random_state)
-        l0 = u * np.sqrt(sv)
-        f0 = (vt.T * np.sqrt(sv)) / np.sqrt(w)[:, None]
+        l0, f0 = _split(u, sv, vt, likelihood.data_unit)
+        f0 = f0 / np.sqrt(w)[:, None]
         if any(nonnegative):
             l0, f0 = _nonnegative_signs(l0, f0, nonnegative)
 
@@ -139,7 +139,7 @@ def initialize(
         factors=f0,
         loadings_precision=(w[None, :] * obs) @ (f0**2),
         factors_precision=w[:, None] * (obs.T @ (l0**2)),
-        intercept=_intercept(eta0, w, obs.sum(0)) if fit_intercept else None,
+        intercept=_intercept(eta0, w, obs.sum(0), likelihood.data_unit) if fit_intercept else None,
     )
 
 
@@ -229,8 +229,8 @@ def initialize_streamed(
         q = _orthonormal(times(_orthonormal(transposed_times(q))))
     u_b, sv, vt = np.linalg.svd(transposed_times(q).T, full_matrices=False)
     u, sv, vt = (q @ u_b)[:, :k], sv[:k], vt[:k]
-    l0 = u * np.sqrt(sv)
-    f0 = (vt.T * np.sqrt(sv)) / root_w[:, None]
+    l0, f0 = _split(u, sv, vt, likelihood.data_unit)
+    f0 = f0 / root_w[:, None]
     if any(nonnegative):
         l0, f0 = _nonnegative_signs(l0, f0, nonnegative)
 
@@ -251,7 +251,7 @@ def initialize_streamed(
         factors=f0,
         loadings_precision=loadings_precision,
         factors_precision=w[:, None] * l0_sq,
-        intercept=_intercept(eta0, w, counts) if fit_intercept else None,
+        intercept=_intercept(eta0, w, counts, likelihood.data_unit) if fit_intercept else None,
     )
 
 
@@ -270,9 +270,19 @@ def _baseline(link, feature_mean, sum_s, fit_intercept: bool, p: int):
     return eta0, mu0, link.derivative(eta0)
 
 
-def _intercept(eta0, w, n_obs) -> dict:
-    """The intercept's start: ``q(b)`` at ``eta0`` with its data precision, and the prior."""
-    tau = 1.0 / max(float(np.var(eta0)), 1e-2)
+def _split(u, sv, vt, unit: float) -> tuple[np.ndarray, np.ndarray]:
+    """``U S V^T`` as ``L F^T`` with the loadings unitless and the factors in ``eta``'s
+    units: ``L = U sqrt(S / unit)``, ``F = V sqrt(S unit)``. The optimiser's steps are in
+    the parameters' own units, so loadings of size 1 make a fit of data in any units alike
+    (``unit`` is 1 for the count likelihoods)."""
+    return u * np.sqrt(sv / unit), vt.T * np.sqrt(sv * unit)
+
+
+def _intercept(eta0, w, n_obs, unit=1.0) -> dict:
+    """The intercept's start: ``q(b)`` at ``eta0`` with its data precision, and the prior
+    (its variance at least ``(0.1 unit)^2``, ``unit`` being ``eta``'s, so that features
+    with one baseline do not start with a point prior)."""
+    tau = 1.0 / max(float(np.var(eta0)), 1e-2 * unit**2)
     return {
         "mean": eta0,
         "log_var": -np.log(w * n_obs + tau),

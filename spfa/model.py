@@ -106,6 +106,12 @@ class SparseFactorModel(torch.nn.Module):
         own = [self.likelihood.get_parameter(name) for name in self.likelihood.row_parameters]
         return self.loadings.variational_parameters() + own
 
+    def location_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters in ``eta``'s units: the factors' and the intercept's locations
+        (the loadings are unitless)."""
+        sides = [self.factors] + ([self.intercept] if self.intercept is not None else [])
+        return [getattr(side, name) for side in sides for name in side.location_parameter_names]
+
     def linear_predictor(self, rows: torch.Tensor | None = None) -> LinearPredictor:
         """``eta`` on the grid of all features (of all samples, or of the samples
         ``rows``) in factored form: its moments are not built until asked for."""

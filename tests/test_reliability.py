@@ -235,3 +235,19 @@ def test_a_non_finite_step_is_rolled_back_and_the_fit_is_finite(counts, monkeypa
     assert fault.calls > at
     assert np.isfinite(est.elbo_) and np.isfinite(est.components_).all()
     assert np.isfinite(est.history_["elbo"]).all()
+
+
+@pytest.mark.parametrize("c", [1e-6, 1e-3, 1e3, 1e6])
+def test_gaussian_fits_do_not_depend_on_the_data_units(c):
+    """The same data in other units: the same factors kept, the same fit in those units
+    and the same ELBO up to the density's change of units, -n p log c."""
+    rng = np.random.default_rng(0)
+    G = rng.normal(size=(60, 3)) @ rng.normal(size=(3, 30)) + rng.normal(size=(60, 30))
+    ref = SparseFactorAnalysis(3, likelihood="gaussian", random_state=0).fit(G)
+    est = SparseFactorAnalysis(3, likelihood="gaussian", random_state=0).fit(G * c)
+    assert est.n_effective_components_ == ref.n_effective_components_ == 3
+    np.testing.assert_allclose(
+        est.inverse_transform(est.loadings_) / c, ref.inverse_transform(ref.loadings_), atol=0.05
+    )
+    assert est.elbo_ / G.size + np.log(c) == pytest.approx(ref.elbo_ / G.size, abs=2e-3)
+    np.testing.assert_allclose(est.noise_variance_ / c**2, ref.noise_variance_, rtol=0.05)

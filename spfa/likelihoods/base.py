@@ -56,6 +56,12 @@ class Likelihood(torch.nn.Module):
     #: variance (Gaussian), which the start learns from the SVD's residual, so
     #: the SVD itself is unweighted
     variance_from_mean: bool = True
+    #: the unit of ``eta`` on these data: the optimiser steps the parameters in
+    #: ``eta``'s units (the factors' and intercept's locations) this many times the
+    #: learning rate, so a fit does not depend on the data's units. 1 for the count
+    #: likelihoods, whose ``eta`` is on the link's (unitless) scale; the Gaussian sets
+    #: the data's scale in :meth:`initialize`
+    data_unit: float = 1.0
     #: False for a model of the non-zero entries only (zero-truncated): the
     #: estimator then fits the non-zero entries and nothing else
     observes_zeros: bool = True

@@ -48,7 +48,10 @@ class Gaussian(Likelihood):
             magnitude = float(np.mean(np.asarray(feature_mean, dtype=float) ** 2))
             scale = float(np.mean(var))
             scale = scale if scale > 1e-6 * magnitude else magnitude
-            self.register_buffer("var_floor", torch.tensor(1e-6 * (scale if scale > 0 else 1.0)))
+            scale = scale if scale > 0 else 1.0
+            self.register_buffer("var_floor", torch.tensor(1e-6 * scale))
+            # eta is in the data's units: their typical size sets the optimiser's steps
+            self.data_unit = float(np.sqrt(scale))
         floor = float(self.var_floor)
         raw = np.log(np.maximum(var - floor, floor))
         self.log_noise_var = torch.nn.Parameter(torch.as_tensor(raw).float())

@@ -83,10 +83,12 @@ class PriorFamily(torch.nn.Module):
     prior_parameter_names: tuple[str, ...] = ()
     #: buffers with one entry per factor (``[k, ...]``), reordered with the factors
     factor_buffer_names: tuple[str, ...] = ()
-    #: the variational parameters that locate an entry: negating them negates the entry
-    #: under ``q``, and, for a prior symmetric about 0, leaves the KL unchanged (empty for
-    #: a family without that symmetry, whose factors keep their sign)
-    location_parameter_names: tuple[str, ...] = ()
+    #: the variational parameters in the entries' own units (a location): they scale
+    #: with the data, and negating them negates the entry under ``q``
+    location_parameter_names: tuple[str, ...] = ("mean",)
+    #: whether the prior is symmetric about 0, so that negating a factor (:meth:`flip_`)
+    #: leaves its KL unchanged (False: the factors keep their sign)
+    sign_symmetric: bool = False
 
     def __init__(self, m: int, k: int):
         super().__init__()
@@ -236,11 +238,6 @@ class PriorFamily(torch.nn.Module):
         buffers = [getattr(self, name) for name in self.factor_buffer_names]
         for tensor in self.prior_parameters() + buffers + [self.active]:
             tensor.copy_(tensor[order])
-
-    @property
-    def sign_symmetric(self) -> bool:
-        """Whether a factor's sign can be flipped (:meth:`flip_`) without changing its KL."""
-        return bool(self.location_parameter_names)
 
     @torch.no_grad()
     def flip_(self, signs: torch.Tensor) -> None:

@@ -40,6 +40,9 @@ class NormalEffect(torch.nn.Module):
         Number of effects (features).
     """
 
+    #: the parameters in the effects' own units (they scale with the data)
+    location_parameter_names = ("mean", "prior_mean")
+
     def __init__(self, m: int):
         super().__init__()
         self.mean = torch.nn.Parameter(torch.zeros(m))

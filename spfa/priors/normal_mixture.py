@@ -45,7 +45,7 @@ class NormalMixture(PriorFamily):
     """
 
     name = "normal_mixture"
-    location_parameter_names = ("mean",)
+    sign_symmetric = True
     n_values = len(GRID_MULTIPLIERS)
     row_parameter_names = ("logits", "mean", "log_prec")
     prior_parameter_names = ("prior_logits",)

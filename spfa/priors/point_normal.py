@@ -77,7 +77,7 @@ class PointNormal(PointMassFamily):
     """
 
     name = "point_normal"
-    location_parameter_names = ("mean",)
+    sign_symmetric = True
     prior_parameter_names = ("prior_logit", "prior_log_prec")
 
     def _moments(self, logits, mu, log_prec):
