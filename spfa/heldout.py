@@ -53,26 +53,63 @@ def mask_entries(X, fraction=0.1, random_state=None):
 
     Parameters
     ----------
-    X : array-like of shape (n_samples, n_features)
-        NaN entries are already missing and are never chosen.
+    X : array-like or scipy.sparse matrix of shape (n_samples, n_features)
+        NaN entries are already missing and are never chosen. A sparse matrix stays
+        sparse: its implicit zeros are observed entries like any other, and the split
+        is drawn in blocks of rows (the same split as for its dense form).
     fraction : float in (0, 1), default=0.1
     random_state : int, RandomState or None
 
     Returns
     -------
-    X_train : ndarray of shape (n_samples, n_features)
-        ``X`` with the held-out entries set to NaN.
-    heldout : ndarray of bool, shape (n_samples, n_features)
+    X_train : ndarray, or csr_matrix for sparse ``X``, of shape (n_samples, n_features)
+        ``X`` with the held-out entries set to NaN (stored NaN in a sparse matrix).
+    heldout : ndarray of bool, or boolean csr_matrix for sparse ``X``
         True at the held-out entries.
     """
     fraction = _check_fraction(fraction)
-    x = _dense(X)
     rng = check_random_state(random_state)
+    if sp.issparse(X):
+        return _mask_sparse(X, fraction, rng)
+    x = _dense(X)
     heldout = (rng.random_sample(x.shape) < fraction) & ~np.isnan(x)
     if not heldout.any():
         raise ValueError("no entry was held out; increase fraction")
     x[heldout] = np.nan
     return x, heldout
+
+
+def _mask_sparse(X, fraction, rng):
+    """:func:`mask_entries` of a sparse matrix, in memory ``O(nnz + held-out entries)``."""
+    X = sp.csr_matrix(X, dtype=np.float64, copy=True)
+    X.sum_duplicates()
+    n, p = X.shape
+    rows, cols = [], []
+    step = max(1, CHUNK_ENTRIES // max(p, 1))
+    for a in range(0, n, step):  # the uniforms of a dense draw, block by block
+        r, c = np.nonzero(rng.random_sample((min(a + step, n) - a, p)) < fraction)
+        rows.append(r + a)
+        cols.append(c)
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    stored = X.tocoo()
+    missing = np.isnan(stored.data)
+    # a held-out position that is already missing (a stored NaN) is not held out
+    key = rows.astype(np.int64) * p + cols
+    nan_keys = stored.row[missing].astype(np.int64) * p + stored.col[missing]
+    chosen = ~np.isin(key, nan_keys)
+    rows, cols, key = rows[chosen], cols[chosen], key[chosen]
+    if not rows.size:
+        raise ValueError("no entry was held out; increase fraction")
+    kept = ~np.isin(stored.row.astype(np.int64) * p + stored.col, key)
+    train = sp.csr_matrix(
+        (
+            np.concatenate([stored.data[kept], np.full(rows.size, np.nan)]),
+            (np.concatenate([stored.row[kept], rows]), np.concatenate([stored.col[kept], cols])),
+        ),
+        shape=(n, p),
+    )
+    heldout = sp.csr_matrix((np.ones(rows.size, dtype=bool), (rows, cols)), shape=(n, p))
+    return train, heldout
 
 
 def thin_counts(X, fraction=0.1, random_state=None):
@@ -135,7 +172,7 @@ def heldout_log_likelihood(
         Data to score (the held-out values; other entries are ignored). A
         sparse matrix (e.g. the test half of :func:`thin_counts`) is scored in
         blocks of rows and never densified whole.
-    entries : ndarray of bool, shape (n_samples, n_features), default=None
+    entries : ndarray of bool or boolean sparse matrix, shape (n_samples, n_features), default=None
         Which entries to score; None scores every non-NaN entry.
     size_factors : array-like of shape (n_samples,), default=None
         Size factors of ``X`` (for thinned counts, the training ones times
@@ -167,7 +204,8 @@ def heldout_log_likelihood(
             f"X has shape {X.shape}; heldout_log_likelihood scores the training rows, ({n}, {p})"
         )
     if entries is not None:
-        entries = np.asarray(entries, dtype=bool)
+        entries = sp.csr_matrix(entries, dtype=bool) if sp.issparse(entries) else entries
+        entries = entries if sp.issparse(entries) else np.asarray(entries, dtype=bool)
         if entries.shape != X.shape:
             raise ValueError(f"entries must have shape {X.shape}, got {entries.shape}")
     s = check_size_factors(size_factors, n, model.likelihood)
@@ -186,7 +224,10 @@ def heldout_log_likelihood(
     for a in range(0, n, step):
         e = min(a + step, n)
         x = X[a:e].toarray().astype(np.float64, copy=False) if sp.issparse(X) else X[a:e]
-        scored = ~np.isnan(x) if entries is None else entries[a:e]
+        if entries is None:
+            scored = ~np.isnan(x)
+        else:
+            scored = entries[a:e].toarray() if sp.issparse(entries) else entries[a:e]
         if not model.likelihood.observes_zeros:
             # a zero-truncated model gives the density of a count given that it is non-zero
             scored = scored & ~(np.nan_to_num(x, nan=1.0) == 0)

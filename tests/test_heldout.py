@@ -175,3 +175,23 @@ def test_thinning_sums_duplicate_sparse_entries():
     train, test = thin_counts(X, 0.5, random_state=0)
     np.testing.assert_array_equal((train + test).toarray(), X.toarray())
     assert train.has_canonical_format and test.has_canonical_format
+
+
+def test_masking_a_sparse_matrix_keeps_it_sparse_and_splits_as_its_dense_form():
+    rng = np.random.default_rng(1)
+    dense = rng.poisson(0.3, size=(50, 20)).astype(float)
+    dense[3, 4] = np.nan  # already missing: never held out
+    X = sp.csr_matrix(dense)  # the NaN is stored
+    train_d, held_d = mask_entries(dense, 0.2, random_state=5)
+    train_s, held_s = mask_entries(X, 0.2, random_state=5)
+    assert sp.issparse(train_s) and sp.issparse(held_s)
+    np.testing.assert_array_equal(held_s.toarray(), held_d)
+    np.testing.assert_array_equal(train_s.toarray(), train_d)  # NaN where held out or missing
+    assert not held_d[3, 4]
+    # and a fit scores the same held-out entries either way
+    est = SparseFactorAnalysis(2, max_iter=200, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a = heldout_score(est, dense, method="mask", fraction=0.2, random_state=5, n_draws=5)[0]
+        b = heldout_score(est, X, method="mask", fraction=0.2, random_state=5, n_draws=5)[0]
+    assert a == pytest.approx(b, rel=1e-4)
