@@ -123,6 +123,9 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         ELBO of the fitted model (pruned factors off) on the training data, with
         fixed-seed draws where it has no closed form (a minibatch fit of more than
         2^23 entries estimates it from a random subset of its batches); passes.
+    n_rollbacks_ : int
+        Windows of training that went non-finite and were rolled back with a smaller
+        step (logged at INFO with what went non-finite).
     history_ : dict of lists
         ``"elbo"``, ``"err"``, ``"kl_l"``, ``"kl_f"``, ``"kl_b"`` per pass,
         and the learned priors per window (``"step"``).

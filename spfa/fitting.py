@@ -650,6 +650,7 @@ def fit_attributes(fit: Fit, X) -> dict:
     out["state_dict_"] = {k: v.detach().cpu().clone() for k, v in fit.model.state_dict().items()}
     out["elbo_contribution_"] = fit.contribution
     out["n_iter_"] = fit.result.n_iter
+    out["n_rollbacks_"] = fit.result.n_rollbacks
     out["history_"] = {**fit.result.history, **fit.prior_history}
     if not fit.model.likelihood.positive_mean:
         out["explained_variance_ratio_"] = explained_variance_ratio(

@@ -75,6 +75,30 @@ def _restore(module, optimizers, snapshot, lr):
     _set_lr(optimizers, lr)
 
 
+_TERMS = {
+    "err": "the expected log-likelihood",
+    "kl_l": "the loadings' KL",
+    "kl_f": "the factors' KL",
+    "kl_b": "the intercept's KL",
+}
+
+
+def _what_is_not_finite(module: torch.nn.Module, values: np.ndarray) -> str:
+    """Which ELBO terms of a window (``[records, 5]``) and which parameters are not finite."""
+    terms = [
+        _TERMS[name]
+        for j, name in enumerate(ELBOTerms.NAMES)
+        if name in _TERMS and not np.isfinite(values[:, j]).all()
+    ]
+    params = [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+    parts = []
+    if terms:
+        parts.append("non-finite " + ", ".join(terms))
+    if params:
+        parts.append("non-finite parameters " + ", ".join(params))
+    return "; ".join(parts) or "non-finite ELBO"
+
+
 def _all_finite(params) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
@@ -178,18 +202,19 @@ def train(
                 values = values[:whole].reshape(-1, steps_per_record, values.shape[1]).mean(1)
             if not (np.isfinite(values).all() and _all_finite(params)):
                 rollbacks += 1
+                what = _what_is_not_finite(module, values)
                 if rollbacks > max_rollbacks:
                     _restore(module, optimizers, snapshot, lr)
                     message = (
                         f"the ELBO became non-finite {rollbacks} times even after the "
-                        f"learning rate was reduced to {lr:.2e}; stopped at the last "
-                        "finite state"
+                        f"learning rate was reduced to {lr:.2e} (last: {what}); stopped at "
+                        "the last finite state"
                     )
                     warnings.warn(message, RuntimeWarning, stacklevel=3)
                     break
                 lr = lr / 4.0
                 _restore(module, optimizers, snapshot, lr)
-                logger.info("step %d: non-finite ELBO; rolled back, lr -> %.2e", it, lr)
+                logger.info("step %d: %s; rolled back, lr -> %.2e", it, what, lr)
                 # the failed window's steps are not recorded; the budget is still spent
                 window_start = it
                 continue

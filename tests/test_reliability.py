@@ -251,3 +251,13 @@ def test_gaussian_fits_do_not_depend_on_the_data_units(c):
     )
     assert est.elbo_ / G.size + np.log(c) == pytest.approx(ref.elbo_ / G.size, abs=2e-3)
     np.testing.assert_allclose(est.noise_variance_ / c**2, ref.noise_variance_, rtol=0.05)
+
+
+def test_a_rolled_back_window_says_what_went_non_finite(counts, monkeypatch, caplog):
+    import logging
+
+    _Fault(monkeypatch, 20, nan=True)
+    with caplog.at_level(logging.INFO, logger="spfa"):
+        est = SparseFactorAnalysis(2, **FAST).fit(counts)
+    assert est.n_rollbacks_ == 1
+    assert any("non-finite the expected log-likelihood" in r.getMessage() for r in caplog.records)
