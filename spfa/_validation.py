@@ -48,6 +48,9 @@ def check_positive_float(value, name: str, allow_zero: bool = False) -> float:
 _CHUNK = 2**22
 
 
+#: the largest count float32 holds exactly (2^24)
+MAX_COUNT = 2**24
+
 #: a value this close to an integer is that integer (exports of counts carry float noise)
 INTEGER_TOLERANCE = 1e-6
 
@@ -84,6 +87,11 @@ def check_count_values(values: np.ndarray, *, fractional: str = "warn") -> bool:
     for start in range(0, flat.size, _CHUNK):
         chunk = flat[start : start + _CHUNK]
         chunk = chunk[~np.isnan(chunk)]
+        if chunk.size and chunk.max() > MAX_COUNT:
+            raise ValueError(
+                f"X has counts up to {chunk.max():.4g}, above {MAX_COUNT:,}: spfa computes in "
+                "float32, where larger integers are not exact"
+            )
         if chunk.size and chunk.min() < 0:
             raise ValueError(
                 "Negative values in data passed to a count likelihood: X has negative "
@@ -110,17 +118,25 @@ def check_count_values(values: np.ndarray, *, fractional: str = "warn") -> bool:
 
 #: the largest magnitude spfa can compute with (it computes in float32)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: the root mean square of real-valued data that float32 computes with: the variances
+#: (squares, and a 1e-6 noise floor under them) stay within its normal range
+DATA_SCALE_RANGE = (1e-15, 1e15)
 
 
 def check_values(values: np.ndarray, likelihood, *, fractional: str = "warn") -> None:
     """Check stored data values (NaN is missing): no infinities, nothing beyond float32's
     range, and counts (:func:`check_count_values`) for a count likelihood."""
     flat = values.reshape(-1)
+    square_sum, count = 0.0, 0
     for start in range(0, flat.size, _CHUNK):
         chunk = flat[start : start + _CHUNK]
         chunk = chunk[~np.isnan(chunk)]
         if not chunk.size:
             continue
+        if not likelihood.integer_support and np.isfinite(chunk).all():
+            scaled = chunk.astype(np.float64) / FLOAT32_MAX**0.5  # no overflow in the square
+            square_sum += float(np.dot(scaled, scaled))
+            count += chunk.size
         if not np.isfinite(chunk).all():
             raise ValueError("X has infinite values; mark a missing entry with NaN")
         largest = float(np.abs(chunk).max())
@@ -128,6 +144,15 @@ def check_values(values: np.ndarray, likelihood, *, fractional: str = "warn") ->
             raise ValueError(
                 f"X has values beyond float32's range (|x| up to {largest:.3g} > "
                 f"{FLOAT32_MAX:.3g}); spfa computes in float32: rescale X"
+            )
+    if count:
+        rms = (square_sum / count) ** 0.5 * FLOAT32_MAX**0.5
+        if 0 < rms < DATA_SCALE_RANGE[0] or rms > DATA_SCALE_RANGE[1]:
+            raise ValueError(
+                f"X's values are of order {rms:.3g} (root mean square): their squares fall "
+                "outside float32's range, in which spfa computes; rescale X to values of "
+                f"order 1 (any scale in {DATA_SCALE_RANGE[0]:g} to {DATA_SCALE_RANGE[1]:g} "
+                "gives the same fit)"
             )
     if likelihood.integer_support:
         check_count_values(values, fractional=fractional)
@@ -176,6 +201,9 @@ def check_data(estimator, X, *, reset: bool, likelihood):
     # Only the stored values need checking: implicit zeros are valid for every likelihood.
     values = X.data if sp.issparse(X) else X
     check_values(values, likelihood)
+    if likelihood.integer_support:
+        X = _as_counts(X)
+        values = X.data if sp.issparse(X) else X
     everything_stored = not sp.issparse(X) or X.nnz == X.shape[0] * X.shape[1]
     if everything_stored and _all_nan(values):
         raise ValueError("X has no observed entries (every entry is NaN)")
@@ -186,6 +214,29 @@ def check_data(estimator, X, *, reset: bool, likelihood):
     if sp.issparse(X):
         return X
     return np.asarray(X, dtype=np.float64)
+
+
+def _as_counts(X):
+    """Count data whose values all lie within :data:`INTEGER_TOLERANCE` of integers as
+    those integers (a CSV's 2.9999999999999 is the count 3; a 1e-30 is a zero): a copy
+    where any differs, ``X`` itself otherwise. Non-integer data are left as they are."""
+    values = X.data if sp.issparse(X) else np.asarray(X)
+    flat = values.reshape(-1)
+    exact = True
+    for start in range(0, flat.size, _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        chunk = chunk[~np.isnan(chunk)]
+        rounded = np.rint(chunk)
+        if np.any(np.abs(chunk - rounded) > INTEGER_TOLERANCE):
+            return X  # not counts: the continuous extension fits them as they are
+        exact = exact and bool(np.all(chunk == rounded))
+    if exact:
+        return X
+    if sp.issparse(X):
+        X = X.copy()
+        X.data = np.rint(X.data)
+        return X
+    return np.rint(np.asarray(X, dtype=np.float64))
 
 
 def _all_nan(values: np.ndarray) -> bool:
