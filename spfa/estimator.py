@@ -287,9 +287,15 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                 f"SparseFactorAnalysis.fit {fit.result.message}; the estimator holds that fit"
             )
         if not fit.result.converged and not fit.result.message:
+            advice = "increase max_iter or learning_rate"
+            if fit.result.n_rollbacks:
+                advice = (
+                    f"{fit.result.n_rollbacks} window(s) went non-finite and were rolled back "
+                    "with a smaller step; lower learning_rate or increase max_iter"
+                )
             warnings.warn(
                 f"SparseFactorAnalysis stopped at max_iter={self.max_iter} before the "
-                "ELBO converged; increase max_iter or learning_rate",
+                f"ELBO converged; {advice}",
                 ConvergenceWarning,
                 stacklevel=2,
             )

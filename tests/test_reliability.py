@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from sklearn.exceptions import ConvergenceWarning
 
 from spfa import SparseFactorAnalysis
 from spfa.heldout import heldout_log_likelihood
@@ -261,3 +262,8 @@ def test_a_rolled_back_window_says_what_went_non_finite(counts, monkeypatch, cap
         est = SparseFactorAnalysis(2, **FAST).fit(counts)
     assert est.n_rollbacks_ == 1
     assert any("non-finite the expected log-likelihood" in r.getMessage() for r in caplog.records)
+
+
+def test_a_fit_that_rolled_back_advises_a_smaller_step(counts):
+    with pytest.warns(ConvergenceWarning, match="rolled back with a smaller step"):
+        SparseFactorAnalysis(2, learning_rate=50.0, max_iter=100, random_state=0).fit(counts)
