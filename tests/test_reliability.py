@@ -267,3 +267,13 @@ def test_a_rolled_back_window_says_what_went_non_finite(counts, monkeypatch, cap
 def test_a_fit_that_rolled_back_advises_a_smaller_step(counts):
     with pytest.warns(ConvergenceWarning, match="rolled back with a smaller step"):
         SparseFactorAnalysis(2, learning_rate=50.0, max_iter=100, random_state=0).fit(counts)
+
+
+@pytest.mark.parametrize("prior", ["point_normal", "point_exponential", "normal_mixture"])
+def test_a_start_with_nothing_to_say_about_the_prior_scale_is_finite(prior):
+    """Constant counts with an unobserved row (found by the fuzz layer): the start's
+    values are ~0, whose inverse mean square overflowed float32 in the prior's start."""
+    X = np.ones((8, 2))
+    X[0] = np.nan
+    est = SparseFactorAnalysis(1, likelihood="negative_binomial", prior=prior, **FAST).fit(X)
+    assert np.isfinite(est.elbo_) and np.isfinite(est.transform(X[1:])).all()

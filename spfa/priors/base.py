@@ -51,6 +51,19 @@ class Moments(NamedTuple):
     var: torch.Tensor
 
 
+#: a start whose values have a smaller mean square than this says nothing about the
+#: prior's scale (exactly degenerate data): the families start at scale 1 instead, since
+#: its inverse overflows float32 (far below any scale the validated data can give)
+NEGLIGIBLE_SECOND_MOMENT = 1e-30
+
+
+def start_second_moment(values) -> np.ndarray:
+    """Per factor, the mean square of the start's ``values`` ``(m, k)``; 1 where it is
+    negligible (:data:`NEGLIGIBLE_SECOND_MOMENT`). ``(k,)``."""
+    second = np.mean(np.asarray(values, dtype=float) ** 2, axis=0)
+    return np.where(second > NEGLIGIBLE_SECOND_MOMENT, second, 1.0)
+
+
 def as_tensor_like(values, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.asarray(values), dtype=like.dtype, device=like.device)
 

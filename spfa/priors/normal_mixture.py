@@ -27,7 +27,7 @@ from scipy import special
 from .._convert import to_numpy
 from ..posterior import Posterior, check_same_shape
 from ..special import normal_logpdf
-from .base import PriorFamily, as_tensor_like
+from .base import PriorFamily, as_tensor_like, start_second_moment
 
 __all__ = ["NormalMixture", "NormalMixturePosterior", "GRID_MULTIPLIERS"]
 
@@ -111,8 +111,7 @@ class NormalMixture(PriorFamily):
 
     @torch.no_grad()
     def start_prior_(self, values):
-        rms = np.sqrt(np.mean(np.asarray(values, dtype=float) ** 2, axis=0))
-        rms = np.where(rms > 0, rms, 1.0)
+        rms = np.sqrt(start_second_moment(values))
         grid = np.log(rms)[:, None] + np.log(GRID_MULTIPLIERS)[None, :]
         self.grid_log_sd.copy_(as_tensor_like(grid, self.grid_log_sd))
         self.prior_logits.zero_()

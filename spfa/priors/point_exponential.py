@@ -30,7 +30,7 @@ from scipy import special
 from .._convert import to_numpy
 from ..posterior import Posterior, check_same_shape
 from ..special import normal_logpdf, truncated_normal_draw, truncated_normal_moments
-from .base import PointMassFamily, as_tensor_like
+from .base import PointMassFamily, as_tensor_like, start_second_moment
 from .point_normal import PIP_START
 
 __all__ = ["PointExponential", "PointExponentialPosterior"]
@@ -96,9 +96,8 @@ class PointExponential(PointMassFamily):
     @torch.no_grad()
     def start_prior_(self, values):
         positive = np.maximum(np.asarray(values, dtype=float), 0.0)
-        second = np.mean(positive**2, axis=0)
         # E_g[theta^2 | slab] = 2 / lambda^2
-        rate = np.where(second > 0, np.sqrt(2.0 / np.where(second > 0, second, 1.0)), 1.0)
+        rate = np.sqrt(2.0 / start_second_moment(positive))
         self.prior_logit.fill_(special.logit(PIP_START))
         self.prior_log_rate.copy_(as_tensor_like(np.log(rate), self.prior_log_rate))
 

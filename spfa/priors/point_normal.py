@@ -27,7 +27,7 @@ from scipy import special
 from .._convert import to_numpy
 from ..posterior import Posterior, check_same_shape
 from ..special import normal_logpdf
-from .base import PointMassFamily, as_tensor_like
+from .base import PointMassFamily, as_tensor_like, start_second_moment
 
 __all__ = ["PointNormal", "PointNormalPosterior", "point_normal_kl", "PIP_START"]
 
@@ -109,8 +109,7 @@ class PointNormal(PointMassFamily):
 
     @torch.no_grad()
     def start_prior_(self, values):
-        second = np.mean(np.asarray(values) ** 2, axis=0)
-        tau = np.where(second > 0, 1.0 / np.where(second > 0, second, 1.0), 1.0)
+        tau = 1.0 / start_second_moment(values)
         self.prior_logit.fill_(special.logit(PIP_START))
         self.prior_log_prec.copy_(as_tensor_like(np.log(tau), self.prior_log_prec))
 
