@@ -35,11 +35,15 @@ def check_positive_int(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
-def check_positive_float(value, name: str, allow_zero: bool = False) -> float:
+def check_positive_float(
+    value, name: str, allow_zero: bool = False, maximum: float | None = None
+) -> float:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     ok = ok and np.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    ok = ok and (maximum is None or value <= maximum)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
+        bound += "" if maximum is None else f" and <= {maximum:g}"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return float(value)
 

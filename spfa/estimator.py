@@ -33,6 +33,10 @@ from .progress import verbosity
 
 __all__ = ["SparseFactorAnalysis"]
 
+#: Adam's steps are this many units at most (in log coordinates, a factor e^1000): a larger
+#: learning rate cannot be meant, and overflows float32 in the optimiser
+MAX_LEARNING_RATE = 1e3
+
 
 class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Sparse factor analysis with learned sparse priors on loadings and factors.
@@ -227,7 +231,9 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             n_quadrature_nodes=check_positive_int(self.n_quadrature_nodes, "n_quadrature_nodes"),
             max_iter=check_positive_int(self.max_iter, "max_iter"),
             tol=check_positive_float(self.tol, "tol", allow_zero=True),
-            learning_rate=check_positive_float(self.learning_rate, "learning_rate"),
+            learning_rate=check_positive_float(
+                self.learning_rate, "learning_rate", maximum=MAX_LEARNING_RATE
+            ),
             batch_size=None
             if self.batch_size is None
             else check_positive_int(self.batch_size, "batch_size"),

@@ -277,3 +277,17 @@ def test_a_start_with_nothing_to_say_about_the_prior_scale_is_finite(prior):
     X[0] = np.nan
     est = SparseFactorAnalysis(1, likelihood="negative_binomial", prior=prior, **FAST).fit(X)
     assert np.isfinite(est.elbo_) and np.isfinite(est.transform(X[1:])).all()
+
+
+def test_a_factor_the_start_barely_sees_starts_finite_under_the_normal_mixture():
+    """Found by the fuzz layer: two observed rows and k = 2 leave the second factor with a
+    subnormal precision, whose inverse overflowed float32 in the mixture's responsibilities."""
+    X = np.array([[np.nan, np.nan], [0.0, 3.0], [3.0, 1.0]])
+    est = SparseFactorAnalysis(2, likelihood="gaussian", prior="normal_mixture", **FAST).fit(X)
+    assert np.isfinite(est.elbo_) and np.isfinite(est.components_).all()
+
+
+def test_a_learning_rate_beyond_any_meaning_is_refused_by_name(counts):
+    """Found by the fuzz layer: 8.5e36 overflowed float32 inside Adam (a RuntimeError)."""
+    with pytest.raises(ValueError, match="learning_rate must be"):
+        SparseFactorAnalysis(2, learning_rate=8.5e36).fit(counts)

@@ -132,9 +132,12 @@ class NormalMixture(PriorFamily):
         self.log_prec[index] = torch.log(prec).reshape(b, -1)
         # no data on an entry (a row or feature with nothing observed): the prior
         informed = (precision > 0).expand(-1, -1, self.n_values)
-        marginal_var = prior_var + 1.0 / torch.where(informed, precision, 1.0)
+        # log(sigma_c^2 + 1/precision) in log space: a tiny precision (a factor the start
+        # barely sees) overflows 1/precision in float32
+        log_data_var = -torch.log(torch.where(informed, precision, 1.0))
+        log_marginal_var = torch.logaddexp(2.0 * self.grid_log_sd, log_data_var)
         log_w = torch.log_softmax(self.prior_logits, -1)
-        log_resp = log_w + normal_logpdf(values, 0.0, 0.5 * torch.log(marginal_var))
+        log_resp = log_w + normal_logpdf(values, 0.0, 0.5 * log_marginal_var)
         log_resp = torch.where(informed, log_resp, log_w.expand_as(log_resp))
         self.logits[index] = torch.log_softmax(log_resp, -1).reshape(b, -1)
 
