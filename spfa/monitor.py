@@ -31,6 +31,8 @@ class Monitor:
 
     def __init__(self, model: SparseFactorModel, log_dir=None):
         self.model = model
+        #: records before this run's (a later training phase continues the steps)
+        self.offset = 0
         self.prior_history = {key: [] for key in self.priors()}
         self.prior_history["step"] = []
         self.writer = None
@@ -48,6 +50,7 @@ class Monitor:
         return out
 
     def __call__(self, first_step: int, terms: np.ndarray) -> None:
+        first_step += self.offset
         last_step = first_step + len(terms)
         priors = self.priors()
         for key, value in priors.items():

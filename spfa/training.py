@@ -45,6 +45,18 @@ class TrainResult:
     #: stopped by KeyboardInterrupt (the module holds the last checked state)
     interrupted: bool = False
 
+    def followed_by(self, later: TrainResult) -> TrainResult:
+        """This run and a ``later`` one from where it stopped, as one record."""
+        history = {k: self.history.get(k, []) + later.history.get(k, []) for k in self.history}
+        return TrainResult(
+            self.n_iter + later.n_iter,
+            later.converged,
+            history,
+            self.n_rollbacks + later.n_rollbacks,
+            later.message or self.message,
+            later.interrupted,
+        )
+
 
 def _snapshot(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple:
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -706,3 +706,36 @@ def test_sign_convention_largest_factor_entry_positive_and_fit_unchanged():
     orient_(model)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, fitted[key], msg=key)
+
+
+def test_a_fit_that_prunes_trains_on_without_the_pruned_factors(monkeypatch):
+    """Factors pruned after training leave the kept ones fitted beside them: the fit
+    trains on to the next plateau and ranks again, and keeps the better of the two; a fit
+    that prunes nothing does not train on."""
+    import spfa.fitting as fitting
+
+    calls, elbos = [], []
+    train, prune = fitting._train, fitting.prune_and_rank
+
+    def spy_train(*args, description="fit", **kw):
+        calls.append(description)
+        return train(*args, description=description, **kw)
+
+    def spy_prune(model, elbo):
+        out = prune(model, elbo)
+        elbos.append(out[2])
+        return out
+
+    monkeypatch.setattr(fitting, "_train", spy_train)
+    monkeypatch.setattr(fitting, "prune_and_rank", spy_prune)
+    sim = simulate("poisson", n=100, p=200, seed=1)
+    est = SparseFactorAnalysis(6, random_state=0).fit(sim.x)
+    assert est.n_effective_components_ < 6
+    assert calls == ["fit", "refit"]
+    assert est.elbo_ == max(elbos) and len(est.history_["elbo"]) == est.n_iter_
+    assert len(est.history_["step"]) == len(est.history_["factors_prior_pi"])
+    calls.clear()
+    rng = np.random.default_rng(0)
+    strong = rng.poisson(np.exp(1.0 + np.outer(rng.normal(size=100), rng.normal(size=50))))
+    est = SparseFactorAnalysis(1, random_state=0).fit(strong)
+    assert est.n_effective_components_ == 1 and calls == ["fit"]
