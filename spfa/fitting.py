@@ -14,6 +14,7 @@ seams only (:mod:`spfa.priors.base`, :mod:`spfa.likelihoods`):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -439,13 +440,15 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
         contribution, order, elbo = prune_and_rank(model, paired_elbo(data, model, settings))
         n_first = len(monitor.prior_history["step"])
         again = np.arange(len(order))
-        if not result.interrupted and not bool(model.factors.active.all()):
+        left = settings.max_iter - result.n_iter  # the passes max_iter leaves
+        if not result.interrupted and not bool(model.factors.active.all()) and left > 0:
             # the kept factors were fitted beside the pruned ones: train on without them
             # to the next plateau (PBMC, k = 30: 14 factors pruned, ELBO -326,929 before,
             # -326,755 after, above k = 15's -326,854; 0.7 s)
             monitor.offset = len(result.history["elbo"])
             pruned = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            refit = _train(model, objective, data, settings, monitor, 1, description="refit")
+            within = dataclasses.replace(settings, max_iter=left)
+            refit = _train(model, objective, data, within, monitor, 1, description="refit")
             refit_contribution, again, refit_elbo = prune_and_rank(
                 model, paired_elbo(data, model, settings)
             )

@@ -536,7 +536,9 @@ def test_full_dispersion_recovers_groups_and_beats_feature_dispersion():
         est.dispersion_feature_factors_.T
     )
     low, high = np.median(log_r[:100]), np.median(log_r[100:])
-    assert abs(low - 0.0) < 0.7 and abs(high - np.log(50.0)) < 0.7, (low, high)
+    # r = 1 is pinned; at r = 50 these means are all but Poisson, so the data bound r from
+    # below only (training on after pruning takes it to ~650, at a higher ELBO)
+    assert abs(low - 0.0) < 0.7 and high > np.log(50.0) - 0.7, (low, high)
 
 
 @pytest.mark.slow
