@@ -137,10 +137,6 @@ def check_values(values: np.ndarray, likelihood, *, fractional: str = "warn") ->
         chunk = chunk[~np.isnan(chunk)]
         if not chunk.size:
             continue
-        if not likelihood.integer_support and np.isfinite(chunk).all():
-            scaled = chunk.astype(np.float64) / FLOAT32_MAX**0.5  # no overflow in the square
-            square_sum += float(np.dot(scaled, scaled))
-            count += chunk.size
         if not np.isfinite(chunk).all():
             raise ValueError("X has infinite values; mark a missing entry with NaN")
         largest = float(np.abs(chunk).max())
@@ -149,6 +145,10 @@ def check_values(values: np.ndarray, likelihood, *, fractional: str = "warn") ->
                 f"X has values beyond float32's range (|x| up to {largest:.3g} > "
                 f"{FLOAT32_MAX:.3g}); spfa computes in float32: rescale X"
             )
+        if not likelihood.integer_support:
+            scaled = chunk.astype(np.float64) / FLOAT32_MAX**0.5  # no overflow in the square
+            square_sum += float(np.dot(scaled, scaled))
+            count += chunk.size
     if count:
         rms = (square_sum / count) ** 0.5 * FLOAT32_MAX**0.5
         if 0 < rms < DATA_SCALE_RANGE[0] or rms > DATA_SCALE_RANGE[1]:

@@ -34,10 +34,11 @@ import numpy as np
 from .estimator import SparseFactorAnalysis
 from .io import read_rows
 
-__all__ = ["counts", "fit", "transform"]
+__all__ = ["counts", "fit", "layer_matrix", "transform"]
 
 
-def _matrix(adata, layer):
+def layer_matrix(adata, layer=None):
+    """``adata.X``, or ``adata.layers[layer]``; a ValueError names a missing layer."""
     if layer is None:
         if adata.X is None:
             raise ValueError("adata.X is empty; pass layer= to fit one of adata.layers")
@@ -112,7 +113,7 @@ def counts(adata, *, layer: str | None = None, mask_var=None):
     mask : ndarray of bool of shape (n_vars,)
     """
     mask = _gene_mask(adata, mask_var)
-    X = read_rows(_matrix(adata, layer), None if mask.all() else np.flatnonzero(mask))
+    X = read_rows(layer_matrix(adata, layer), None if mask.all() else np.flatnonzero(mask))
     return X, mask
 
 
@@ -230,7 +231,7 @@ def transform(
     """
     columns = _columns(adata, estimator)
     whole = np.array_equal(columns, np.arange(adata.n_vars))
-    X = read_rows(_matrix(adata, layer), None if whole else columns)
+    X = read_rows(layer_matrix(adata, layer), None if whole else columns)
     with warnings.catch_warnings():
         # the genes were matched by name above; the array itself carries none
         warnings.filterwarnings("ignore", message="X does not have valid feature names")

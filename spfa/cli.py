@@ -146,9 +146,9 @@ def _gene_mask(adata, args):
 
         if args.n_top_features < 1:
             raise CommandError("--n-top-features must be at least 1")
-        from .anndata import _matrix
+        from .anndata import layer_matrix
 
-        return abundant_features(_matrix(adata, args.layer), args.n_top_features)
+        return abundant_features(layer_matrix(adata, args.layer), args.n_top_features)
     return None
 
 

@@ -438,42 +438,50 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
     try:
         result = _train(model, objective, data, settings, monitor)
         contribution, order, elbo = prune_and_rank(model, paired_elbo(data, model, settings))
+        fit = Fit(model, result, contribution, order, {}, elbo)
         n_first = len(monitor.prior_history["step"])
-        again = np.arange(len(order))
-        left = settings.max_iter - result.n_iter  # the passes max_iter leaves
-        if not result.interrupted and not bool(model.factors.active.all()) and left > 0:
-            # the kept factors were fitted beside the pruned ones: train on without them
-            # to the next plateau (PBMC, k = 30: 14 factors pruned, ELBO -326,929 before,
-            # -326,755 after, above k = 15's -326,854; 0.7 s)
-            monitor.offset = len(result.history["elbo"])
-            pruned = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            within = dataclasses.replace(settings, max_iter=left)
-            refit = _train(model, objective, data, within, monitor, 1, description="refit")
-            refit_contribution, again, refit_elbo = prune_and_rank(
-                model, paired_elbo(data, model, settings)
-            )
-            if refit_elbo >= elbo:
-                contribution, elbo, order = refit_contribution, refit_elbo, order[again]
-                result = result.followed_by(refit)
-            else:  # no better (a sparse simulation: 0.8 nats lower): the pruned fit stands
-                logger.info("training on after pruning ended lower; kept the pruned fit")
-                model.load_state_dict(pruned)
-                again = np.arange(len(order))
-                for windows in monitor.prior_history.values():
-                    del windows[n_first:]
-                result.interrupted, result.message = refit.interrupted, refit.message
+        again = _train_on_after_pruning(fit, objective, data, settings, monitor)
     finally:
         monitor.close()
     # per-window priors were recorded in the order of their phase; report them in the final one
-    history = {}
     for key, windows in monitor.prior_history.items():
         if key != "step":
             windows = [
-                np.asarray(w)[order if i < n_first else again].tolist()
+                np.asarray(w)[fit.order if i < n_first else again].tolist()
                 for i, w in enumerate(windows)
             ]
-        history[key] = windows
-    return Fit(model, result, contribution, order, history, elbo)
+        fit.prior_history[key] = windows
+    return fit
+
+
+def _train_on_after_pruning(fit: Fit, objective, data, settings, monitor) -> np.ndarray:
+    """The kept factors were fitted beside the pruned ones: train on without them, to the
+    next plateau and within what ``max_iter`` leaves, then prune and rank again, and keep
+    the better of the two states (PBMC, k = 30: 14 factors pruned, ELBO -326,929 before,
+    -326,755 after, above k = 15's -326,854; 0.7 s). Updates ``fit`` in place; returns the
+    permutation of the second ranking (the identity if there was none)."""
+    model, result = fit.model, fit.result
+    identity = np.arange(len(fit.order))
+    left = settings.max_iter - result.n_iter
+    if result.interrupted or bool(model.factors.active.all()) or left <= 0:
+        return identity
+    n_first = len(monitor.prior_history["step"])
+    monitor.offset = len(result.history["elbo"])
+    pruned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    within = dataclasses.replace(settings, max_iter=left)
+    refit = _train(model, objective, data, within, monitor, 1, description="refit")
+    contribution, again, elbo = prune_and_rank(model, paired_elbo(data, model, settings))
+    if elbo >= fit.elbo:
+        fit.contribution, fit.elbo, fit.order = contribution, elbo, fit.order[again]
+        fit.result = result.followed_by(refit)
+        return again
+    # no better (a sparse simulation: 0.8 nats lower): the pruned fit stands
+    logger.info("training on after pruning ended lower; kept the pruned fit")
+    model.load_state_dict(pruned)
+    for windows in monitor.prior_history.values():
+        del windows[n_first:]
+    result.interrupted, result.message = refit.interrupted, refit.message
+    return identity
 
 
 def fit_rows(state, X, s, likelihood, settings: FitSettings, rng):

@@ -204,8 +204,10 @@ def heldout_log_likelihood(
             f"X has shape {X.shape}; heldout_log_likelihood scores the training rows, ({n}, {p})"
         )
     if entries is not None:
-        entries = sp.csr_matrix(entries, dtype=bool) if sp.issparse(entries) else entries
-        entries = entries if sp.issparse(entries) else np.asarray(entries, dtype=bool)
+        if sp.issparse(entries):
+            entries = sp.csr_matrix(entries, dtype=bool)
+        else:
+            entries = np.asarray(entries, dtype=bool)
         if entries.shape != X.shape:
             raise ValueError(f"entries must have shape {X.shape}, got {entries.shape}")
     s = check_size_factors(size_factors, n, model.likelihood)
