@@ -57,6 +57,10 @@ PRUNE_ENTRIES = 2**23
 #: the start is streamed over blocks of rows, and row-wise work (projections,
 #: summaries) runs in chunks of it
 INIT_ENTRIES = 2**24
+#: the streamed start works on blocks of this fraction of a batch's rows: it holds about
+#: eight float64 arrays of its block's shape at once, so its peak stays near one batch's
+#: float32 data
+START_BLOCK_DIVISOR = 16
 #: smallest factor on the start's L F^T tried to make a non-finite start ELBO finite
 START_SHRINK_LIMIT = 1e-3
 
@@ -223,7 +227,7 @@ def compute_start(model, X, s, settings: FitSettings, rng, start=None):
         block = min(block, settings.batch_size)
     if start is None and n > block:
         init = initialize_streamed(
-            _row_blocks(X, s, likelihood, block),
+            _row_blocks(X, s, likelihood, max(1, block // START_BLOCK_DIVISOR)),
             n,
             p,
             settings.n_components,
@@ -252,10 +256,14 @@ def compute_start(model, X, s, settings: FitSettings, rng, start=None):
 def apply_start(model, init, sub, X, s, settings: FitSettings, start=None, shrink=1.0) -> None:
     """Set ``model`` to the start, through the families' ``start_prior_`` / ``start_``
     seam; ``shrink`` scales the loadings' point estimates (and so ``L F^T``)."""
-    model.loadings.start_prior_(init.loadings)
+    model.loadings.start_prior_(init.loadings_scale())
     model.factors.start_prior_(init.factors)
     model.factors.start_(init.factors, init.factors_precision)
-    if sub is None:
+    if init.loading_blocks is not None:  # streamed: block by block
+        for rows, values, precision in init.loading_blocks():
+            rows = np.arange(rows.start, rows.stop)
+            model.loadings.start_(shrink * values, precision, rows)
+    elif sub is None:
         model.loadings.start_(shrink * init.loadings, init.loadings_precision)
     with torch.no_grad():
         for name, value in (init.intercept or {}).items():

@@ -12,6 +12,7 @@ over- nor under-confident.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,30 +29,45 @@ class Start:
     """Starting point estimates and precisions (numpy, float64), handed to the
     prior families' ``start_prior_`` / ``start_``."""
 
-    loadings: np.ndarray  # (n, k) point estimate of L
+    loadings: np.ndarray | None  # (n, k) point estimate of L; None when streamed
     factors: np.ndarray  # (p, k) point estimate of F
-    loadings_precision: np.ndarray  # (n, k) data precision of each entry of L given F
+    loadings_precision: np.ndarray | None  # (n, k) data precision of L given F, or None
     factors_precision: np.ndarray  # (p, k) the same for F given L
     intercept: dict | None  # mean, log_var (p,); prior_mean, prior_log_prec ()
+    #: a streamed start's loadings: each factor's root mean square over the rows (of the
+    #: positive part for a non-negative family), ``(k,)``, and ``loading_blocks()``,
+    #: which yields ``(rows, point estimates, precisions)`` block by block
+    loadings_rms: np.ndarray | None = None
+    loading_blocks: Callable[[], Iterator[tuple[slice, np.ndarray, np.ndarray]]] | None = None
+
+    def loadings_scale(self) -> np.ndarray:
+        """What the loadings' family needs for its prior's start (``start_prior_``): the
+        point estimates, or for a streamed start one row of their root mean squares,
+        ``(1, k)``, which the families read the same way (they use each factor's mean
+        square only)."""
+        return self.loadings if self.loadings is not None else self.loadings_rms[None, :]
 
 
-def _nonnegative_signs(l0, f0, nonnegative: tuple[bool, bool]):
-    """Flip each component's sign so that the non-negative side(s) keep the larger
-    part: with both sides non-negative, the sign whose positive parts carry the
-    larger share of ``l f^T`` (as NNDSVD, Boutsidis & Gallopoulos 2008); with one,
-    the sign under which that side's positive part is the larger. A non-negative
-    family then starts from the positive parts."""
+def _column_parts(a: np.ndarray) -> np.ndarray:
+    """Norms of the positive and of the negative part of each column, ``(2, k)``."""
+    return np.stack(
+        [np.linalg.norm(np.maximum(a, 0), axis=0), np.linalg.norm(np.minimum(a, 0), axis=0)]
+    )
 
-    def parts(a):
-        return np.linalg.norm(np.maximum(a, 0), axis=0), np.linalg.norm(np.minimum(a, 0), axis=0)
 
-    (lp, ln), (fp, fn) = parts(l0), parts(f0)
+def _nonnegative_signs(l_parts, f_parts, nonnegative: tuple[bool, bool]) -> np.ndarray:
+    """The sign of each component under which the non-negative side(s) keep the larger
+    part, from the norms of the positive and negative parts of ``l0`` and ``f0``
+    (:func:`_column_parts`): with both sides non-negative, the sign whose positive parts
+    carry the larger share of ``l f^T`` (as NNDSVD, Boutsidis & Gallopoulos 2008); with
+    one, the sign under which that side's positive part is the larger. A non-negative
+    family then starts from the positive parts. ``(k,)`` of +-1."""
+    (lp, ln), (fp, fn) = l_parts, f_parts
     if all(nonnegative):
         pos, neg = lp * fp, ln * fn
     else:
         pos, neg = (lp, ln) if nonnegative[0] else (fp, fn)
-    sign = np.where(neg > pos, -1.0, 1.0)
-    return l0 * sign, f0 * sign
+    return np.where(neg > pos, -1.0, 1.0)
 
 
 def initialize(
@@ -124,7 +140,8 @@ def initialize(
         l0, f0 = _split(u, sv, vt, likelihood.data_unit)
         f0 = f0 / np.sqrt(w)[:, None]
         if any(nonnegative):
-            l0, f0 = _nonnegative_signs(l0, f0, nonnegative)
+            sign = _nonnegative_signs(_column_parts(l0), _column_parts(f0), nonnegative)
+            l0, f0 = l0 * sign, f0 * sign
 
     # residual variance on the data scale, for the Gaussian noise and NB dispersion
     resid = obs * ((y - mu0) - (l0 @ f0.T) * slope)
@@ -159,13 +176,17 @@ def initialize_streamed(
     n_power_iter: int = 2,
     oversample: int = 10,
 ) -> Start:
-    """:func:`initialize` over blocks of rows: no array larger than one block's
-    ``(rows, p)`` or than ``(n + p) x (k + oversample)`` is formed.
+    """:func:`initialize` over blocks of rows, in memory ``O(block p + p w)``.
 
-    The same start, with the weighted SVD of the working residual computed by a
-    randomised range finder (Halko, Martinsson & Tropp 2011) whose products with
-    the residual are accumulated block by block, ``n_power_iter`` power
-    iterations: ``2 n_power_iter + 5`` passes over the data in all.
+    The same start, with the weighted SVD of the working residual ``A`` computed by
+    subspace iteration on ``A^T A`` (Halko, Martinsson & Tropp 2011, alg. 4.4, on
+    the features' side) and a Rayleigh--Ritz step: ``V <- orth(A^T A V)`` from a
+    Gaussian ``p x w`` start (``w = k + oversample``), each product accumulated
+    block by block, ``n_power_iter + 2`` times, and the right singular vectors and
+    values from the eigen-decomposition of ``V^T A^T A V``. Its subspace is that of
+    the randomised range finder with ``n_power_iter`` power iterations. No array of
+    ``n`` rows is formed: the loadings' point estimates and precisions are
+    recomputed block by block when the model is set (:meth:`Start.loading_blocks`).
 
     Parameters
     ----------
@@ -183,19 +204,25 @@ def initialize_streamed(
 
     def each():
         for rows, x, mask, s in blocks():
-            size = np.ones((x.shape[0], 1)) if s is None else np.asarray(s, float)[:, None]
-            obs = np.ones_like(x) if mask is None else mask
-            yield rows, x, obs, size
+            size = None if s is None else np.asarray(s, float)[:, None]
+            yield rows, x, mask, size
+
+    def observed(mask, shape):  # observed entries per feature of a block
+        return np.full(shape[1], float(shape[0])) if mask is None else mask.sum(0)
 
     # pass 1: per-feature mean and variance of x / s over observed entries
     sum_x, sum_s, n_obs, sum_y, sum_yy = (np.zeros(p) for _ in range(5))
-    for _, x, obs, size in each():
-        y = x / size
-        sum_x += (obs * x).sum(0)
-        sum_s += (obs * size).sum(0)
-        n_obs += obs.sum(0)
-        sum_y += (obs * y).sum(0)
-        sum_yy += (obs * y**2).sum(0)
+    for _, x, mask, size in each():
+        y = x if size is None else x / size
+        xo, yo = (x, y) if mask is None else (mask * x, mask * y)
+        sum_x += xo.sum(0)
+        if size is None:
+            sum_s += observed(mask, x.shape)
+        else:
+            sum_s += (size * (1.0 if mask is None else mask)).sum(0)
+        n_obs += observed(mask, x.shape)
+        sum_y += yo.sum(0)
+        sum_yy += (yo * y).sum(0)
     counts, n_obs = n_obs, np.maximum(n_obs, 1.0)
     feature_mean = sum_x / np.maximum(sum_s, 1e-300)
     feature_var = np.maximum(sum_yy - 2 * feature_mean * sum_y + feature_mean**2 * n_obs, 0.0)
@@ -205,53 +232,79 @@ def initialize_streamed(
     w = working_weights(likelihood, mu0, slope) if likelihood.variance_from_mean else np.ones(p)
     root_w = np.sqrt(w)
 
-    def residual(x, obs, size):  # the weighted working residual of a block
-        return obs * working_response(link, x / size, mu0, eta0, slope) * root_w
+    def residual(x, mask, size):  # the weighted working residual of a block
+        z = working_response(link, x if size is None else x / size, mu0, eta0, slope)
+        z *= root_w
+        return z if mask is None else z * mask
 
-    # randomised range finder of the weighted residual A, block by block
+    # subspace iteration on A^T A; the last product also gives V^T A^T A V
     width = min(k + oversample, n, p)
-    omega = random_state.normal(size=(p, width))
-
-    def times(right):  # A @ right, (n, width)
-        out = np.empty((n, right.shape[1]))
-        for rows, x, obs, size in each():
-            out[rows] = residual(x, obs, size) @ right
-        return out
-
-    def transposed_times(left):  # A^T @ left, (p, width)
-        out = np.zeros((p, left.shape[1]))
-        for rows, x, obs, size in each():
-            out += residual(x, obs, size).T @ left[rows]
-        return out
-
-    q = _orthonormal(times(omega))
-    for _ in range(n_power_iter):
-        q = _orthonormal(times(_orthonormal(transposed_times(q))))
-    u_b, sv, vt = np.linalg.svd(transposed_times(q).T, full_matrices=False)
-    u, sv, vt = (q @ u_b)[:, :k], sv[:k], vt[:k]
-    l0, f0 = _split(u, sv, vt, likelihood.data_unit)
+    v = _orthonormal(random_state.normal(size=(p, width)))
+    for i in range(n_power_iter + 2):
+        z = np.zeros((p, width))
+        for _, x, mask, size in each():
+            a = residual(x, mask, size)
+            z += a.T @ (a @ v)
+        if i < n_power_iter + 1:
+            v = _orthonormal(z)
+    eigval, eigvec = np.linalg.eigh(v.T @ z)
+    top = np.argsort(eigval)[::-1][:k]
+    sv = np.sqrt(np.maximum(eigval[top], 0.0))
+    right = v @ eigvec[:, top]  # (p, k) right singular vectors
+    unit = likelihood.data_unit
+    _, f0 = _split(np.zeros((0, k)), sv, right.T, unit)
     f0 = f0 / root_w[:, None]
-    if any(nonnegative):
-        l0, f0 = _nonnegative_signs(l0, f0, nonnegative)
+    # L0 = U sqrt(S / unit), U = A V_k / S: L0 = A @ project for each block
+    with np.errstate(divide="ignore", invalid="ignore"):
+        project = np.where(sv > 0, 1.0 / np.sqrt(sv * unit), 0.0) * right
 
-    # last passes: residual variance on the data scale, then the precisions
+    def loadings(x, mask, size):
+        return residual(x, mask, size) @ project
+
+    # last pass: residual variance on the data scale, the factors' precisions, and the
+    # loadings' column norms (their sign and the prior's scale)
     resid_ss, l0_sq = np.zeros(p), np.zeros((p, k))
-    for rows, x, obs, size in each():
-        resid = obs * ((x / size - mu0) - (l0[rows] @ f0.T) * slope)
+    positive, negative = np.zeros(k), np.zeros(k)
+    for _, x, mask, size in each():
+        l0 = loadings(x, mask, size)
+        resid = ((x if size is None else x / size) - mu0) - (l0 @ f0.T) * slope
+        if mask is not None:
+            resid *= mask
         resid_ss += (resid**2).sum(0)
-        l0_sq += obs.T @ l0[rows] ** 2
+        l0_sq += (l0**2).sum(0) if mask is None else mask.T @ l0**2
+        positive += (np.maximum(l0, 0.0) ** 2).sum(0)
+        negative += (np.minimum(l0, 0.0) ** 2).sum(0)
+    sign = np.ones(k)
+    if any(nonnegative):
+        l_parts = np.sqrt(np.stack([positive, negative]))
+        sign = _nonnegative_signs(l_parts, _column_parts(f0), nonnegative)
+        f0 = f0 * sign
+    # each factor's mean square over the rows (of the positive part for a non-negative L)
+    if nonnegative[0]:
+        second = np.where(sign > 0, positive, negative) / n
+    else:
+        second = (positive + negative) / n
     likelihood.initialize(feature_mean, resid_ss / n_obs)
     if not likelihood.variance_from_mean:
         w = working_weights(likelihood, mu0, slope)
-    loadings_precision = np.empty((n, k))
-    for rows, _, obs, _ in each():
-        loadings_precision[rows] = obs @ (w[:, None] * f0**2)
+    weighted = w[:, None] * f0**2
+
+    def loading_blocks():
+        for rows, x, mask, size in each():
+            if mask is None:
+                precision = np.repeat(weighted.sum(0)[None, :], x.shape[0], axis=0)
+            else:
+                precision = mask @ weighted
+            yield rows, loadings(x, mask, size) * sign, precision
+
     return Start(
-        loadings=l0,
+        loadings=None,
         factors=f0,
-        loadings_precision=loadings_precision,
+        loadings_precision=None,
         factors_precision=w[:, None] * l0_sq,
-        intercept=_intercept(eta0, w, counts, likelihood.data_unit) if fit_intercept else None,
+        intercept=_intercept(eta0, w, counts, unit) if fit_intercept else None,
+        loadings_rms=np.sqrt(second),
+        loading_blocks=loading_blocks,
     )
 
 

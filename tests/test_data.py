@@ -241,11 +241,24 @@ def test_sparse_batches_on_cuda_match_cpu(counts, entries):
     assert np.all(np.isfinite(est.transform(x[:7])))
 
 
+def _assembled(start, n):
+    """A streamed start's loadings and their precisions, gathered from its blocks."""
+    values, precision = np.full((n, start.factors.shape[1]), np.nan), np.full(
+        (n, start.factors.shape[1]), np.nan
+    )
+    for rows, v, prec in start.loading_blocks():
+        values[rows], precision[rows] = v, prec
+    return values, precision
+
+
 @pytest.mark.parametrize("missing", [False, True])
-def test_start_streamed_over_row_blocks_matches_the_whole_data_start(missing):
-    """The block-by-block start (range finder accumulated over blocks of 16 rows) gives
-    the intercept, nuisance parameters and precisions of the whole-data start, and the
-    same rank-k working fit L0 F0^T up to the randomised SVD's accuracy."""
+@pytest.mark.parametrize("nonnegative", [(False, False), (True, False), (True, True)])
+def test_start_streamed_over_row_blocks_matches_the_whole_data_start(missing, nonnegative):
+    """The block-by-block start (subspace iteration accumulated over blocks of 16 rows)
+    gives the intercept, nuisance parameters and precisions of the whole-data start, the
+    same rank-k working fit L0 F0^T up to the iteration's accuracy, the same signs for a
+    non-negative family, and the loadings' root mean squares that ``start_prior_`` reads,
+    without keeping any array of n rows."""
     from spfa.initialization import initialize, initialize_streamed
     from spfa.likelihoods import get_likelihood
 
@@ -267,16 +280,22 @@ def test_start_streamed_over_row_blocks_matches_the_whole_data_start(missing):
                     rows = slice(a, min(a + 16, 150))
                     yield rows, x[rows], None if mask is None else mask[rows], s[rows]
 
-            start = initialize_streamed(blocks, 150, 60, 3, lik, True, rng, n_power_iter=4)
+            start = initialize_streamed(
+                blocks, 150, 60, 3, lik, True, rng, nonnegative=nonnegative, n_power_iter=4
+            )
+            assert start.loadings is None and start.loadings_precision is None
+            rms = start.loadings_scale()
+            assert rms.shape == (1, 3)
+            start.loadings, start.loadings_precision = _assembled(start, 150)
         else:
-            start = initialize(x, mask, s, 3, lik, True, rng)
+            start = initialize(x, mask, s, 3, lik, True, rng, nonnegative=nonnegative)
         starts.append((start, lik.inverse_dispersion.detach().double().numpy()))
     (dense, r_dense), (streamed, r_streamed) = starts
     for key in ("mean", "log_var", "prior_mean", "prior_log_prec"):
         np.testing.assert_allclose(streamed.intercept[key], dense.intercept[key], rtol=1e-10)
     fit_dense = dense.loadings @ dense.factors.T
     fit_streamed = streamed.loadings @ streamed.factors.T
-    # the exact SVD against 4 power iterations of the range finder: 0.004-0.006 apart
+    # the exact SVD against the subspace iteration: 0.002-0.005 apart
     assert np.linalg.norm(fit_streamed - fit_dense) < 1e-2 * np.linalg.norm(fit_dense)
     # the dispersions come from the residual that L0 F0^T leaves: up to 1.7 % apart
     np.testing.assert_allclose(r_streamed, r_dense, rtol=0.05)
@@ -285,3 +304,37 @@ def test_start_streamed_over_row_blocks_matches_the_whole_data_start(missing):
         np.testing.assert_allclose(
             np.sort(getattr(streamed, side).sum(0)), np.sort(getattr(dense, side).sum(0)), rtol=1e-2
         )
+    # the loadings' scale for the prior's start: the root mean square of the values (of
+    # their positive part under a non-negative L), as the whole-data start gives it
+    part = np.maximum(streamed.loadings, 0) if nonnegative[0] else streamed.loadings
+    np.testing.assert_allclose(rms[0], np.sqrt(np.mean(part**2, axis=0)), rtol=1e-10)
+    np.testing.assert_array_equal(dense.loadings_scale(), dense.loadings)
+    if any(nonnegative):  # the sign that keeps the larger positive part, on both
+        side = "loadings" if nonnegative[0] else "factors"
+        for start in (dense, streamed):
+            values = getattr(start, side)
+            pos = np.linalg.norm(np.maximum(values, 0), axis=0)
+            neg = np.linalg.norm(np.minimum(values, 0), axis=0)
+            if not all(nonnegative):
+                assert np.all(pos >= neg)
+
+
+def test_dense_rows_of_a_csr_slice_equal_scipys_slicing():
+    """The direct path for consecutive CSR rows (the streamed start's small blocks) gives
+    what scipy's slicing gives, with empty rows, a stored NaN (missing) and the last rows."""
+    from spfa._validation import dense_rows
+
+    rng = np.random.default_rng(3)
+    dense = np.rint(rng.random((40, 13)) * 9) * (rng.random((40, 13)) < 0.3)
+    dense[5] = 0.0
+    X = sp.csr_matrix(dense)
+    X.data[7] = np.nan
+    for a, b in [(0, 40), (3, 9), (5, 6), (38, 45), (12, 12)] + [
+        tuple(sorted(rng.integers(0, 40, 2))) for _ in range(5)
+    ]:
+        x, mask = dense_rows(X, slice(a, b))
+        x_ref, mask_ref = dense_rows(X.tocsc(), slice(a, b))  # scipy's slicing
+        np.testing.assert_array_equal(x, x_ref)
+        assert (mask is None) == (mask_ref is None)
+        if mask is not None:
+            np.testing.assert_array_equal(mask, mask_ref)

@@ -191,7 +191,11 @@ class PriorFamily(torch.nn.Module):
         raise NotImplementedError
 
     def start_prior_(self, values: np.ndarray) -> None:
-        """Set ``g`` from a point estimate ``values`` (``[m', k]``, numpy) of some rows."""
+        """Set ``g`` from a point estimate ``values`` (``[m', k]``, numpy) of some rows.
+
+        The shipped families read ``values`` only through each factor's mean square (of
+        the positive part, for a non-negative family); a streamed start passes one row
+        of root mean squares (:meth:`spfa.initialization.Start.loadings_scale`)."""
         raise NotImplementedError
 
     def start_(self, values: np.ndarray, precision: np.ndarray, rows=None) -> None:
