@@ -214,10 +214,12 @@ def compute_start(model, X, s, settings: FitSettings, rng, start=None):
 
     Data of more than one block of rows (``INIT_ENTRIES`` entries, and at most
     ``batch_size`` rows in minibatch training) are started block by block
-    (:func:`spfa.initialization.initialize_streamed`), so that the start takes
-    no more memory than training does. Its SVD is then a randomised range
-    finder rather than the exact SVD of small data: a minibatch fit's start
-    depends on whether ``batch_size < n`` (within 1 % of ``L0 F0^T``, tested).
+    (:func:`spfa.initialization.initialize_streamed`, blocks of
+    ``1 / START_BLOCK_DIVISOR`` of a batch's rows), so that the start takes no
+    more memory than training does and keeps no array of ``n`` rows. Its SVD is
+    then a subspace iteration rather than the exact SVD of small data: a minibatch
+    fit's start depends on whether ``batch_size < n`` (within 1 % of ``L0 F0^T``,
+    tested).
     """
     likelihood = model.likelihood
     nonnegative = tuple(f.support == "nonnegative" for f in (model.loadings, model.factors))

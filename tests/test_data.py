@@ -243,8 +243,9 @@ def test_sparse_batches_on_cuda_match_cpu(counts, entries):
 
 def _assembled(start, n):
     """A streamed start's loadings and their precisions, gathered from its blocks."""
-    values, precision = np.full((n, start.factors.shape[1]), np.nan), np.full(
-        (n, start.factors.shape[1]), np.nan
+    values, precision = (
+        np.full((n, start.factors.shape[1]), np.nan),
+        np.full((n, start.factors.shape[1]), np.nan),
     )
     for rows, v, prec in start.loading_blocks():
         values[rows], precision[rows] = v, prec
