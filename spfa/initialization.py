@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.linalg import blas
 from sklearn.utils.extmath import randomized_svd
 
 from .likelihoods import Likelihood
@@ -210,19 +211,23 @@ def initialize_streamed(
     def observed(mask, shape):  # observed entries per feature of a block
         return np.full(shape[1], float(shape[0])) if mask is None else mask.sum(0)
 
-    # pass 1: per-feature mean and variance of x / s over observed entries
-    sum_x, sum_s, n_obs, sum_y, sum_yy = (np.zeros(p) for _ in range(5))
-    for _, x, mask, size in each():
-        y = x if size is None else x / size
-        xo, yo = (x, y) if mask is None else (mask * x, mask * y)
-        sum_x += xo.sum(0)
-        if size is None:
-            sum_s += observed(mask, x.shape)
-        else:
-            sum_s += (size * (1.0 if mask is None else mask)).sum(0)
-        n_obs += observed(mask, x.shape)
-        sum_y += yo.sum(0)
-        sum_yy += (yo * y).sum(0)
+    # each pass is a function, so that no block outlives its pass
+    def feature_sums():  # per-feature sums of x / s over observed entries
+        sums = np.zeros((5, p))  # x, s, observed, y, y^2
+        for _, x, mask, size in each():
+            y = x if size is None else x / size
+            xo, yo = (x, y) if mask is None else (mask * x, mask * y)
+            sums[0] += xo.sum(0)
+            if size is None:
+                sums[1] += observed(mask, x.shape)
+            else:
+                sums[1] += (size * (1.0 if mask is None else mask)).sum(0)
+            sums[2] += observed(mask, x.shape)
+            sums[3] += yo.sum(0)
+            sums[4] += (yo * y).sum(0)
+        return sums
+
+    sum_x, sum_s, n_obs, sum_y, sum_yy = feature_sums()
     counts, n_obs = n_obs, np.maximum(n_obs, 1.0)
     feature_mean = sum_x / np.maximum(sum_s, 1e-300)
     feature_var = np.maximum(sum_yy - 2 * feature_mean * sum_y + feature_mean**2 * n_obs, 0.0)
@@ -238,19 +243,28 @@ def initialize_streamed(
         return z if mask is None else z * mask
 
     # subspace iteration on A^T A; the last product also gives V^T A^T A V
-    width = min(k + oversample, n, p)
-    v = _orthonormal(random_state.normal(size=(p, width)))
-    for i in range(n_power_iter + 2):
-        z = np.zeros((p, width))
+    # (z accumulates in place through BLAS, so that no third p x w array is formed)
+    def gram_times(v, z):  # z <- A^T A v
+        z.fill(0.0)
         for _, x, mask, size in each():
             a = residual(x, mask, size)
-            z += a.T @ (a @ v)
-        if i < n_power_iter + 1:
+            z = blas.dgemm(1.0, a, a @ v, beta=1.0, c=z, trans_a=True, overwrite_c=True)
+        return z
+
+    width = min(k + oversample, n, p)
+    v = _orthonormal(random_state.normal(size=(p, width)))
+    z = np.zeros((p, width), order="F")
+    for i in range(n_power_iter + 2):
+        if i:
+            v = None  # freed before the QR allocates its own
             v = _orthonormal(z)
+        z = gram_times(v, z)
     eigval, eigvec = np.linalg.eigh(v.T @ z)
+    del z
     top = np.argsort(eigval)[::-1][:k]
     sv = np.sqrt(np.maximum(eigval[top], 0.0))
     right = v @ eigvec[:, top]  # (p, k) right singular vectors
+    del v
     unit = likelihood.data_unit
     _, f0 = _split(np.zeros((0, k)), sv, right.T, unit)
     f0 = f0 / root_w[:, None]
@@ -263,17 +277,24 @@ def initialize_streamed(
 
     # last pass: residual variance on the data scale, the factors' precisions, and the
     # loadings' column norms (their sign and the prior's scale)
-    resid_ss, l0_sq = np.zeros(p), np.zeros((p, k))
-    positive, negative = np.zeros(k), np.zeros(k)
-    for _, x, mask, size in each():
-        l0 = loadings(x, mask, size)
-        resid = ((x if size is None else x / size) - mu0) - (l0 @ f0.T) * slope
-        if mask is not None:
-            resid *= mask
-        resid_ss += (resid**2).sum(0)
-        l0_sq += (l0**2).sum(0) if mask is None else mask.T @ l0**2
-        positive += (np.maximum(l0, 0.0) ** 2).sum(0)
-        negative += (np.minimum(l0, 0.0) ** 2).sum(0)
+    def residual_sums():
+        resid_ss, l0_sq = np.zeros(p), np.zeros((p, k))
+        positive, negative = np.zeros(k), np.zeros(k)
+        for _, x, mask, size in each():
+            l0 = loadings(x, mask, size)
+            resid = l0 @ f0.T  # then (y - mu0) - L0 F0^T h'(eta0), in place
+            resid *= -slope
+            resid += x if size is None else x / size
+            resid -= mu0
+            if mask is not None:
+                resid *= mask
+            resid_ss += np.einsum("ij,ij->j", resid, resid)
+            l0_sq += (l0**2).sum(0) if mask is None else mask.T @ l0**2
+            positive += (np.maximum(l0, 0.0) ** 2).sum(0)
+            negative += (np.minimum(l0, 0.0) ** 2).sum(0)
+        return resid_ss, l0_sq, positive, negative
+
+    resid_ss, l0_sq, positive, negative = residual_sums()
     sign = np.ones(k)
     if any(nonnegative):
         l_parts = np.sqrt(np.stack([positive, negative]))
@@ -350,14 +371,21 @@ def working_response(link, y, mu0, eta0, slope) -> np.ndarray:
     start's mean. For a convex link (exp, softplus) the tangent overshoots there: a
     rare feature's single count of 5 at a mean of 1e-3 is a deviation of 5000 on
     the tangent, but of log 5000 = 8.5 under the exp link."""
-    z = (y - mu0) / slope
-    above = y > mu0
+    z = np.subtract(y, mu0)
+    z /= slope
+    # only the entries above the start's mean (few, for sparse counts) need the exact one
+    rows, cols = np.nonzero(y > mu0)
+    if rows.size == 0:
+        return z
     try:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            exact = link.inverse(np.where(above, y, mu0)) - eta0
+            exact = link.inverse(y[rows, cols]) - np.broadcast_to(eta0, y.shape)[rows, cols]
     except ValueError:  # data outside a bounded link's range: the tangent alone
         return z
-    return np.where(above & np.isfinite(exact), np.minimum(z, exact), z)
+    ok = np.isfinite(exact)
+    rows, cols = rows[ok], cols[ok]
+    z[rows, cols] = np.minimum(z[rows, cols], exact[ok])
+    return z
 
 
 def working_weights(likelihood: Likelihood, mu0: np.ndarray, slope: np.ndarray) -> np.ndarray:

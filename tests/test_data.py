@@ -339,3 +339,27 @@ def test_dense_rows_of_a_csr_slice_equal_scipys_slicing():
         assert (mask is None) == (mask_ref is None)
         if mask is not None:
             np.testing.assert_array_equal(mask, mask_ref)
+
+
+@pytest.mark.parametrize("link_name", ["exp", "softplus", "identity"])
+def test_working_response_is_the_tangent_capped_by_the_exact_deviation(link_name):
+    """The working response equals its definition computed on every entry: the tangent
+    ``(y - mu0) / h'(eta0)``, capped by ``h^{-1}(y) - eta0`` where ``y > mu0`` (the
+    implementation evaluates the cap only on those entries)."""
+    from spfa.initialization import working_response
+    from spfa.links import get_link
+
+    link = get_link(link_name)
+    rng = np.random.default_rng(1)
+    y = rng.poisson(0.4, (30, 7)).astype(float) * rng.gamma(2.0, 1.0, (30, 1))
+    eta0 = rng.normal(-1.0, 0.5, 7)
+    mu0 = link(torch.as_tensor(eta0, dtype=torch.float64)).numpy()
+    slope = link.derivative(eta0)
+    tangent = (y - mu0) / slope
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exact = link.inverse(np.where(y > mu0, y, mu0)) - eta0
+    expected = np.where((y > mu0) & np.isfinite(exact), np.minimum(tangent, exact), tangent)
+    got = working_response(link, y, mu0, eta0, slope)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+    if link_name != "identity":  # a convex link: the cap binds somewhere
+        assert np.any(got < tangent - 1e-9)
