@@ -342,7 +342,7 @@ def minibatch_table(info: dict, rows: list[dict]) -> str:
     for row in rows:
         lines.append(
             f"| {row['method']} | {row['seconds']:.1f} | {row['passes']} "
-            f"| {row['start_seconds']:.1f} | {row['start_peak_mib']:.0f} "
+            f"| {row['start_seconds']:.1f} | {row['start_peak_mib']:.2f} "
             f"| {row['train_seconds']:.1f} | {row['prune_seconds']:.1f} "
             f"| {row['prune_share']:.1%} | {row['n_effective']} | {row['error']:.4f} |"
         )

@@ -119,7 +119,7 @@ def counts(adata, *, layer: str | None = None, mask_var=None):
 
 def fit(
     adata,
-    n_components: int = 10,
+    n_components: int = 30,
     *,
     layer: str | None = None,
     mask_var=None,
@@ -134,7 +134,7 @@ def fit(
     ----------
     adata : anndata.AnnData
         Cells x genes, in memory or backed (``backed="r"``).
-    n_components : int, default=10
+    n_components : int, default=30
     layer : str, optional
         Fit ``adata.layers[layer]`` rather than ``adata.X``.
     mask_var : str or ndarray of bool of shape (n_vars,), optional

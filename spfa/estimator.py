@@ -48,8 +48,10 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
 
     Parameters
     ----------
-    n_components : int, default=10
-        Number of factors ``k``; unsupported ones are pruned.
+    n_components : int, default=30
+        Number of factors ``k``; those the data do not support are pruned, so a
+        generous ``k`` costs time rather than accuracy (chosen on real counts: see the
+        README). At most ``min(n_samples, n_features)``.
     prior : str or dict, default="point_normal"
         Prior family (:data:`spfa.priors.PRIORS`) of both ``L`` and ``F``, or
         ``{"loadings": name, "factors": name}``: ``"point_normal"``
@@ -149,7 +151,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
 
     def __init__(
         self,
-        n_components=10,
+        n_components=30,
         *,
         prior="point_normal",
         likelihood="poisson",
