@@ -12,7 +12,7 @@ python3 -m simulations.sanity_checks "$@"
 demo=runs/demo
 csv="$demo/packages/celltypist/data/samples/sample_cell_by_gene.csv"
 [ -f "$csv" ] || python3 -m pip install -q --no-deps --target "$demo/packages" "celltypist==1.7.1"
-python3 -m spfa fit "$csv" --n-components 10 --n-top-features 2000 --seed 0 \
+python3 -m spfa fit "$csv" --n-components 30 --n-top-features 2000 --seed 0 \
     --output "$demo/celltypist.h5ad" --save-model "$demo/celltypist.model" \
     --log-dir "$demo/tensorboard"
 python3 -m spfa info "$demo/celltypist.model"
