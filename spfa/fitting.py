@@ -49,7 +49,7 @@ N_SCORE_SAMPLES = 32
 #: most sampled linear-predictor entries (draws x n x p) per pruning evaluation. A fit
 #: that prunes also prunes and ranks again after training on (``_train_on_after_pruning``),
 #: so this is half of what one pass was given before that (2**25): at 20,000 x 2,000
-#: (softplus link, batch 128) pruning took 13.6 % of the fit at 2**25 and 8.7 % here,
+#: (softplus link, batch 128) pruning took 13.6 % of the fit at 2**25 and 8.7-8.8 % here,
 #: with the same factors kept and the same error
 PRUNE_BUDGET = 2**24
 #: most entries a pruning evaluation of a minibatch fit visits: beyond them it sees a

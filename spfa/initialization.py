@@ -266,8 +266,7 @@ def initialize_streamed(
     right = v @ eigvec[:, top]  # (p, k) right singular vectors
     del v
     unit = likelihood.data_unit
-    _, f0 = _split(np.zeros((0, k)), sv, right.T, unit)
-    f0 = f0 / root_w[:, None]
+    f0 = right * np.sqrt(sv * unit) / root_w[:, None]  # _split's F = V sqrt(S unit), unweighted
     # L0 = U sqrt(S / unit), U = A V_k / S: L0 = A @ project for each block
     with np.errstate(divide="ignore", invalid="ignore"):
         project = np.where(sv > 0, 1.0 / np.sqrt(sv * unit), 0.0) * right
