@@ -410,13 +410,15 @@ def clear_fitted(estimator) -> None:
         delattr(estimator, name)
 
 
-def check_start(init_loadings, init_factors, n: int, p: int, k: int):
+def check_start(init_loadings, init_factors, n: int, p: int, k: int, n_total=None):
     """``(L0, F0)`` as float64 ``(n, k)`` and ``(p, k)`` arrays, or None if neither is given;
-    ValueError if ``k`` exceeds ``min(n, p)``."""
-    if k > min(n, p):
+    ValueError if ``k`` exceeds ``min(n_total, p)`` (``n_total``: every rank's rows of a
+    data-parallel fit, by default ``n``)."""
+    n_total = n if n_total is None else n_total
+    if k > min(n_total, p):
         raise ValueError(
             f"n_components={k} is larger than the data allow: "
-            f"min(n_samples, n_features) = {min(n, p)}"
+            f"min(n_samples, n_features) = {min(n_total, p)}"
         )
     if init_loadings is None and init_factors is None:
         return None

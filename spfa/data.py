@@ -77,17 +77,28 @@ class RowBatches:
     device : torch.device
     seed : int
         Seed of the fixed partition and of each pass's order.
+    n_batches : int, optional
+        Split the rows into exactly this many batches of nearly equal size instead
+        (``batch_size`` is then ignored): the ranks of a data-parallel fit step
+        through the same number of batches per pass.
     """
 
-    def __init__(self, X, log_s, batch_size, *, entries: bool, device, seed: int):
+    def __init__(self, X, log_s, batch_size, *, entries: bool, device, seed: int, n_batches=None):
         n, p = X.shape
         self.shape = (n, p)
         self.device = device
         self.entries = entries
         self._rng = np.random.default_rng(seed)
-        b = n if batch_size is None else min(int(batch_size), n)
+        if n_batches is not None:
+            if not 1 <= n_batches <= n:
+                raise ValueError(f"cannot split {n} rows into {n_batches} batches")
+            edges = np.linspace(0, n, int(n_batches) + 1).round().astype(int)
+            self.bounds = list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
+            b = n if n_batches == 1 else 0
+        else:
+            b = n if batch_size is None else min(int(batch_size), n)
+            self.bounds = [(a, min(a + b, n)) for a in range(0, n, b)]
         perm = self._rng.permutation(n) if b < n else np.arange(n)
-        self.bounds = [(a, min(a + b, n)) for a in range(0, n, b)]
         self.n_batches = len(self.bounds)
         self._perm = torch.as_tensor(perm, dtype=torch.long, device=device)
         self.log_s = None if log_s is None else self._float(np.asarray(log_s)[:, None])

@@ -21,9 +21,11 @@ from ._validation import (
     check_start,
     clear_fitted,
     default_size_factors,
+    library_sizes,
     resolve_device,
     warn_missing_size_factors,
 )
+from .distributed import SINGLE, current_group
 from .expectation import get_expectation
 from .likelihoods import get_likelihood
 from .persistence import load_estimator, save_estimator
@@ -36,6 +38,19 @@ __all__ = ["SparseFactorAnalysis"]
 #: Adam's steps are this many units at most (in log coordinates, a factor e^1000): a larger
 #: learning rate cannot be meant, and overflows float32 in the optimiser
 MAX_LEARNING_RATE = 1e3
+
+
+def _check_ranks_agree(group, n_features: int, settings) -> None:
+    """A data-parallel fit's ranks must fit the same features with the same model."""
+    if not group.parallel:
+        return
+    for what, value in (("n_features", n_features), ("n_components", settings.n_components)):
+        low, high = -group.max(-value), group.max(value)
+        if low != high:
+            raise ValueError(
+                f"the ranks of a data-parallel fit disagree on {what} ({low:g} to {high:g}); "
+                "every rank must fit the same features with the same parameters"
+            )
 
 
 class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -138,6 +153,21 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     device_ : torch.device
     n_features_in_, feature_names_in_ : int, ndarray of str
 
+    Notes
+    -----
+    *Data-parallel fits.* When a ``torch.distributed`` process group of more than
+    one rank is initialised (e.g. under ``torchrun``), ``fit(X)`` treats ``X`` as
+    this rank's rows and fits one model of every rank's rows
+    (:mod:`spfa.distributed`): the global parameters (``components_``, priors,
+    intercept, nuisance parameters, ``elbo_``, ``history_``) come out identical on
+    every rank, while ``loadings_`` and the other per-sample attributes are this
+    rank's rows. Every rank must call ``fit`` with the same parameters and
+    features; ``random_state`` is taken from rank 0, ``log_dir`` is written by
+    rank 0 only, library sizes are scaled by every rank's mean, and ``batch_size``
+    gives every rank the number of batches the largest rank needs.
+    ``transform``, ``score`` and the rest work on the rows they are given, in
+    this process.
+
     Examples
     --------
     >>> import numpy as np
@@ -222,7 +252,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     def _make_likelihood(self):
         return get_likelihood(self.likelihood, self.link)
 
-    def _settings(self, device=None) -> fitting.FitSettings:
+    def _settings(self, device=None, group=SINGLE) -> fitting.FitSettings:
         get_expectation(self.expectation, 1)  # ValueError for an unknown rule
         return fitting.FitSettings(
             n_components=check_positive_int(self.n_components, "n_components"),
@@ -242,15 +272,33 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             device=device or resolve_device(self.device),
             log_dir=self.log_dir,
             verbose=verbosity(self.verbose),
+            group=group,
         )
 
-    def _data(self, X, size_factors, *, reset, likelihood):
+    def _data(self, X, size_factors, *, reset, likelihood, group=SINGLE):
         """Validated ``X`` (dense with NaN, or CSR: never densified) and size factors:
-        given, or from library sizes (a fit's own, new rows' on the training scale)."""
-        X = check_data(self, X, reset=reset, likelihood=likelihood)
-        s = check_size_factors(size_factors, X.shape[0], likelihood)
+        given, or from library sizes (a fit's own, new rows' on the training scale; a
+        data-parallel fit's against every rank's mean, each rank validating its own
+        rows and every rank raising if any does)."""
+
+        def validated():
+            X_ = check_data(self, X, reset=reset, likelihood=likelihood)
+            return X_, check_size_factors(size_factors, X_.shape[0], likelihood)
+
+        X, s = group.agree(validated)
         if reset:
-            s, self.library_size_mean_ = default_size_factors(X, s, likelihood, self.library_size)
+            reference = None
+            if group.parallel and s is None and self.library_size and likelihood.positive_mean:
+                total, rows = group.sum(library_sizes(X).sum(), X.shape[0])
+                reference = float(total / rows)
+                if not reference > 0:
+                    raise ValueError(
+                        "every row of every rank's X is empty, so library sizes cannot "
+                        "scale the mean"
+                    )
+            s, self.library_size_mean_ = default_size_factors(
+                X, s, likelihood, self.library_size, reference
+            )
             return X, s
         mean = getattr(self, "library_size_mean_", None)  # None in files saved before it
         warn_missing_size_factors(self.training_size_factors_, s, mean is not None)
@@ -310,15 +358,24 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         return self
 
     def _fit(self, X, size_factors, init_loadings, init_factors) -> fitting.Fit:
-        settings = self._settings()
+        group = current_group()
+        settings = self._settings(group=group)
         likelihood = self._make_likelihood()
         clear_fitted(self)  # a refit (e.g. with another prior) leaves nothing stale
-        X, s = self._data(X, size_factors, reset=True, likelihood=likelihood)
-        start = check_start(init_loadings, init_factors, *X.shape, settings.n_components)
+        X, s = self._data(X, size_factors, reset=True, likelihood=likelihood, group=group)
+        _check_ranks_agree(group, X.shape[1], settings)
+        n_rows = int(group.sum(X.shape[0]))  # every rank's
+        start = group.agree(
+            lambda: check_start(
+                init_loadings, init_factors, *X.shape, settings.n_components, n_total=n_rows
+            )
+        )
         self.device_ = settings.device
         rng = check_random_state(self.random_state)
+        if group.parallel:  # every rank draws the start's and the fit's randomness alike
+            rng = np.random.RandomState(group.seed(rng.randint(2**31 - 1)))
         fit = fitting.fit_model(X, s, likelihood, settings, rng, start)
-        for name, value in fitting.fit_attributes(fit, X).items():
+        for name, value in fitting.fit_attributes(fit, X, group).items():
             setattr(self, name, value)
         self.training_size_factors_ = s
         self.fitted_params_ = self._structure()

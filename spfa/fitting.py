@@ -10,6 +10,11 @@ seams only (:mod:`spfa.priors.base`, :mod:`spfa.likelihoods`):
   rows with everything else held fixed, for ``transform`` and ``score``;
 * :func:`build_model` -- a model from a saved state;
 * :func:`fitted_attributes` -- what a fit reports.
+
+A fit may span the ranks of a ``torch.distributed`` group (``settings.group``,
+:mod:`spfa.distributed`): each rank holds its own rows, every sum over rows
+that the start, the stopping rule, pruning or the reports use is summed over
+ranks, and every rank takes the same decisions.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from ._convert import to_numpy
 from ._validation import dense_rows
 from .data import RowBatches
+from .distributed import SINGLE, Group
 from .expectation import Expectation, get_expectation
 from .initialization import initialize, initialize_streamed, working_response, working_weights
 from .likelihoods import Likelihood
@@ -97,6 +103,8 @@ class FitSettings:
     device: torch.device
     log_dir: object = None
     verbose: int = 0
+    #: the ranks the fit spans (:mod:`spfa.distributed`); one process by default
+    group: Group = SINGLE
 
     def rule(self, n_mc_samples: int | None = None) -> Expectation:
         """The rule for ``E_q[log p]``; Monte Carlo with ``n_mc_samples`` draws."""
@@ -112,7 +120,20 @@ class FitSettings:
 
     def batches(self, X, s, likelihood: Likelihood, seed: int) -> RowBatches:
         """The data on the device, in batches of ``batch_size`` rows (one batch if None):
-        dense blocks, or for a zero-truncated likelihood only the entries it fits."""
+        dense blocks, or for a zero-truncated likelihood only the entries it fits. Across
+        ranks, every rank splits its rows into the same number of batches, the most any
+        rank needs."""
+        n_batches = None
+        if self.group.parallel:
+            n = X.shape[0]
+            own = 1 if self.batch_size is None else -(-n // min(self.batch_size, n))
+            n_batches = int(self.group.max(own))
+            if n_batches > n:
+                raise ValueError(
+                    f"rank {self.group.rank} holds {n} rows, fewer than the {n_batches} "
+                    "batches per pass that the largest rank needs: give every rank at least "
+                    "as many rows as that, or a larger batch_size"
+                )
         return RowBatches(
             X,
             None if s is None else np.log(s),
@@ -120,6 +141,7 @@ class FitSettings:
             entries=not likelihood.observes_zeros,
             device=self.device,
             seed=seed,
+            n_batches=n_batches,
         )
 
 
@@ -140,6 +162,13 @@ def row_state_keys(model: SparseFactorModel) -> set[str]:
     """State keys with one row per training sample (refitted for new rows, not shared)."""
     keys = {f"loadings.{name}" for name in model.loadings.row_parameter_names}
     return keys | {f"likelihood.{name}" for name in model.likelihood.row_parameters}
+
+
+def global_state(model: SparseFactorModel) -> dict[str, torch.Tensor]:
+    """The state shared by every row (and by every rank of a data-parallel fit): all
+    but :func:`row_state_keys`."""
+    local = row_state_keys(model)
+    return {k: v for k, v in model.state_dict().items() if k not in local}
 
 
 def build_model(
@@ -231,16 +260,19 @@ def compute_start(model, X, s, settings: FitSettings, rng, start=None):
     block = max(1, INIT_ENTRIES // p)
     if settings.batch_size is not None:
         block = min(block, settings.batch_size)
-    if start is None and n > block:
+    group = settings.group
+    if start is None and (n > block or group.parallel):
+        # across ranks: the sums over rows of every pass are summed over the ranks
         init = initialize_streamed(
             _row_blocks(X, s, likelihood, max(1, block // START_BLOCK_DIVISOR)),
-            n,
+            int(group.sum(n)),
             p,
             settings.n_components,
             likelihood,
             settings.fit_intercept,
             rng,
             nonnegative=nonnegative,
+            reduce=group.sum,
         )
         return init, None
     sub, x0, mask0, s0 = _start_block(X, s, likelihood, settings.n_components, rng)
@@ -361,18 +393,21 @@ def _train(
     the loadings of each batch's rows by SparseAdam (only where used), and
     ``max_iter``, the stopping rule, the history and the progress bar count passes."""
     passes = data.n_batches
+    group = settings.group
     model.sparse_rows = passes > 1
+    rows = {id(p) for p in model.row_parameters()}
     local = model.row_parameters() if passes > 1 else []
     params = [p for p in model.parameters() if p.requires_grad]
     params = [p for p in params if all(p is not q for q in local)]
-    bar = ProgressBar(settings.max_iter, description, settings.verbose)
+    shared = [p for p in params if id(p) not in rows]  # summed over the ranks
+    bar = ProgressBar(settings.max_iter, description, settings.verbose if group.rank == 0 else 0)
     try:
         result = train(
             model,
             objective,
             _step_groups(model, params),
             sparse_params=_step_groups(model, local),
-            n_observed=data.n_observed,
+            n_observed=int(group.sum(data.n_observed)),
             max_iter=settings.max_iter * passes,
             check_every=50 if passes == 1 else passes * -(-50 // passes),
             steps_per_record=passes,
@@ -381,6 +416,8 @@ def _train(
             on_window=monitor,
             n_plateaus=n_plateaus,
             progress=bar,
+            group=group,
+            shared=shared,
         )
     finally:
         model.sparse_rows = False
@@ -428,9 +465,14 @@ def fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
 
 def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
     n, p = X.shape
+    group = settings.group
     model = new_model(n, p, likelihood, settings)
+    model.global_share = group.share
     init, sub = compute_start(model, X, s, settings, rng, start)
     apply_start(model, init, sub, X, s, settings, start)
+    # the ranks' starts agree (a given start's intercept is fitted to each rank's rows):
+    # every rank takes rank 0's global parameters
+    group.broadcast_(global_state(model).values())
     gen = settings.generator(rng.randint(2**31 - 1))
     data = settings.batches(X, s, likelihood, seed=rng.randint(2**31 - 1))
     rule = settings.rule()
@@ -444,14 +486,16 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
             raise RuntimeError(_not_finite(model, "at the start, even with L F^T shrunk"))
         logger.info("non-finite ELBO at the start: loadings shrunk by %g", shrink)
         apply_start(model, init, sub, X, s, settings, start, shrink)
+        group.broadcast_(global_state(model).values())
 
     def objective():
         return data.step_terms(model, rule, gen)
 
-    monitor = Monitor(model, settings.log_dir)
+    # one TensorBoard run per fit: rank 0 writes it
+    monitor = Monitor(model, settings.log_dir if group.rank == 0 else None)
     try:
         result = _train(model, objective, data, settings, monitor)
-        contribution, order, elbo = prune_and_rank(model, paired_elbo(data, model, settings))
+        contribution, order, elbo = prune_and_rank(model, paired_elbo(data, model, settings), group)
         fit = Fit(model, result, contribution, order, {}, elbo)
         n_first = len(monitor.prior_history["step"])
         again = _train_on_after_pruning(fit, objective, data, settings, monitor)
@@ -484,7 +528,9 @@ def _train_on_after_pruning(fit: Fit, objective, data, settings, monitor) -> np.
     pruned = {k: v.detach().clone() for k, v in model.state_dict().items()}
     within = dataclasses.replace(settings, max_iter=left)
     refit = _train(model, objective, data, within, monitor, 1, description="refit")
-    contribution, again, elbo = prune_and_rank(model, paired_elbo(data, model, settings))
+    contribution, again, elbo = prune_and_rank(
+        model, paired_elbo(data, model, settings), settings.group
+    )
     if elbo >= fit.elbo:
         fit.contribution, fit.elbo, fit.order = contribution, elbo, fit.order[again]
         fit.result = result.followed_by(refit)
@@ -564,17 +610,19 @@ def paired_elbo(data: RowBatches, model, settings: FitSettings, subset: bool = T
     minibatch fit of more than ``PRUNE_ENTRIES`` entries is evaluated on a fixed
     random subset of its batches, scaled to all rows, unless ``subset=False``.
     """
-    used = data.n_batches
+    group = settings.group
+    used = data.n_batches  # the same on every rank
+    n_evaluated = float(group.sum(data.n_evaluated))  # over every rank: one decision
     if subset and data.n_batches > 1:  # minibatches: a fixed random subset beyond the budget
-        per_batch = data.n_evaluated / data.n_batches
+        per_batch = n_evaluated / data.n_batches
         used = int(min(data.n_batches, max(1, PRUNE_ENTRIES // per_batch)))
-    evaluated = data.n_evaluated * used / data.n_batches
+    evaluated = n_evaluated * used / data.n_batches
     rule = settings.rule(max(1, min(N_SCORE_SAMPLES, int(PRUNE_BUDGET // evaluated))))
 
     def elbo() -> float:
         with torch.no_grad():
             terms = data.total_terms(model, rule, settings.generator(0), used)
-        return float(terms.elbo)
+        return float(group.sum(float(terms.elbo)))
 
     return elbo
 
@@ -584,7 +632,9 @@ def _switch(model: SparseFactorModel, k: int, on: bool) -> None:
         side.active[k] = 1.0 if on else 0.0
 
 
-def prune_and_rank(model: SparseFactorModel, elbo) -> tuple[np.ndarray, np.ndarray, float]:
+def prune_and_rank(
+    model: SparseFactorModel, elbo, group: Group = SINGLE
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Switch off the factors the data do not support; order the rest by ELBO contribution.
 
     *Pruning.* A factor the data do not support ends training with a
@@ -606,10 +656,14 @@ def prune_and_rank(model: SparseFactorModel, elbo) -> tuple[np.ndarray, np.ndarr
     The model is permuted in place (kept factors by decreasing
     contribution, pruned ones last); returns the contributions in the new
     order and the permutation (new factor ``i`` was factor ``order[i]`` in
-    training).
+    training). Across ranks, ``elbo`` and the loadings' norms are summed over the
+    ranks (``group``), so every rank decides alike.
     """
     with torch.no_grad():
-        size = model.loadings.moments().mean.norm(dim=0) * model.factors.moments().mean.norm(dim=0)
+        l_norm = model.loadings.moments().mean.norm(dim=0)
+        if group.parallel:  # over every rank's rows
+            l_norm = torch.as_tensor(np.sqrt(group.sum(to_numpy(l_norm**2)))).to(l_norm)
+        size = l_norm * model.factors.moments().mean.norm(dim=0)
     tried = torch.argsort(size).tolist()
     best = elbo()
     if not np.isfinite(best):
@@ -692,10 +746,11 @@ def fitted_attributes(model: SparseFactorModel) -> dict:
     return out
 
 
-def fit_attributes(fit: Fit, X) -> dict:
+def fit_attributes(fit: Fit, X, group: Group = SINGLE) -> dict:
     """Every fitted ``*_`` attribute of a :class:`Fit` of ``X``: the model's
     (:func:`fitted_attributes`), its state, the training record and, for a
-    likelihood without a positive mean (Gaussian), ``explained_variance_ratio_``."""
+    likelihood without a positive mean (Gaussian), ``explained_variance_ratio_``
+    (over every rank's rows of a data-parallel fit)."""
     out = fitted_attributes(fit.model)
     out["state_dict_"] = {k: v.detach().cpu().clone() for k, v in fit.model.state_dict().items()}
     out["elbo_contribution_"] = fit.contribution
@@ -704,13 +759,15 @@ def fit_attributes(fit: Fit, X) -> dict:
     out["history_"] = {**fit.result.history, **fit.prior_history}
     if not fit.model.likelihood.positive_mean:
         out["explained_variance_ratio_"] = explained_variance_ratio(
-            X, out["loadings_"], out["components_"]
+            X, out["loadings_"], out["components_"], group
         )
     out["elbo_"] = float(fit.elbo)
     return out
 
 
-def explained_variance_ratio(X, loadings: np.ndarray, components: np.ndarray) -> np.ndarray:
+def explained_variance_ratio(
+    X, loadings: np.ndarray, components: np.ndarray, group: Group = SINGLE
+) -> np.ndarray:
     """Gaussian: share of the observed variance of each feature-centred factor term.
 
     With ``o`` the observed entries, ``count_j``, ``A = o^T l`` and
@@ -733,6 +790,7 @@ def explained_variance_ratio(X, loadings: np.ndarray, components: np.ndarray) ->
         s2 += (x**2).sum(0)
         a_sum += obs.T @ lo
         b_sum += obs.T @ lo**2
+    count, s1, s2, a_sum, b_sum = group.sum(count, s1, s2, a_sum, b_sum)  # over the ranks
     count = np.maximum(count, 1.0)
     total = float((s2 - s1**2 / count).sum())
     if total <= 0:  # constant features: nothing to explain

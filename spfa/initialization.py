@@ -176,6 +176,7 @@ def initialize_streamed(
     nonnegative: tuple[bool, bool] = (False, False),
     n_power_iter: int = 2,
     oversample: int = 10,
+    reduce: Callable | None = None,
 ) -> Start:
     """:func:`initialize` over blocks of rows, in memory ``O(block p + p w)``.
 
@@ -199,7 +200,17 @@ def initialize_streamed(
         Shape of the data.
     n_components, likelihood, fit_intercept, random_state, nonnegative
         As in :func:`initialize` (the data are never given whole).
+    reduce : callable, optional
+        ``reduce(*arrays)`` returns each pass's sums over rows summed over the ranks
+        of a data-parallel fit (:meth:`spfa.distributed.Group.sum`), whose ``blocks``
+        are this rank's rows and ``n`` every rank's; ``random_state`` must then draw
+        alike on every rank. None: the blocks are all the rows.
     """
+    if reduce is None:
+
+        def reduce(*arrays):
+            return arrays[0] if len(arrays) == 1 else arrays
+
     link = likelihood.link
     k = n_components
 
@@ -225,7 +236,7 @@ def initialize_streamed(
             sums[2] += observed(mask, x.shape)
             sums[3] += yo.sum(0)
             sums[4] += (yo * y).sum(0)
-        return sums
+        return reduce(sums)
 
     sum_x, sum_s, n_obs, sum_y, sum_yy = feature_sums()
     counts, n_obs = n_obs, np.maximum(n_obs, 1.0)
@@ -249,7 +260,7 @@ def initialize_streamed(
         for _, x, mask, size in each():
             a = residual(x, mask, size)
             z = blas.dgemm(1.0, a, a @ v, beta=1.0, c=z, trans_a=True, overwrite_c=True)
-        return z
+        return reduce(z)
 
     width = min(k + oversample, n, p)
     v = _orthonormal(random_state.normal(size=(p, width)))
@@ -291,7 +302,7 @@ def initialize_streamed(
             l0_sq += (l0**2).sum(0) if mask is None else mask.T @ l0**2
             positive += (np.maximum(l0, 0.0) ** 2).sum(0)
             negative += (np.minimum(l0, 0.0) ** 2).sum(0)
-        return resid_ss, l0_sq, positive, negative
+        return reduce(resid_ss, l0_sq, positive, negative)
 
     resid_ss, l0_sq, positive, negative = residual_sums()
     sign = np.ones(k)

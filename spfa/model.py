@@ -89,6 +89,10 @@ class SparseFactorModel(torch.nn.Module):
         likelihood.initialize_rows(n_samples)
         self.sparse_rows = False
         self._fixed = None  # see fixed_globals
+        #: this process's share of the global parameters' KL: ``1 / size`` on each of
+        #: the ranks of a data-parallel fit (:mod:`spfa.distributed`), whose ELBO terms
+        #: then add up over the ranks to the whole ELBO
+        self.global_share = 1.0
 
     @property
     def sparse_rows(self) -> bool:
@@ -219,7 +223,8 @@ class SparseFactorModel(torch.nn.Module):
             Factor on the batch's terms (expected log-likelihood and loadings'
             KL), e.g. the number of batches, so that the result is an unbiased
             estimate of the whole data set's ELBO; the factors' and intercept's
-            KL are counted once.
+            KL are counted once (``global_share`` of it on each rank of a
+            data-parallel fit).
         cache : dict, optional
             Kept with the batch ``x`` between calls: where a likelihood keeps
             what depends on the data alone (e.g. ``sum lgamma(x + 1)``).
@@ -240,6 +245,8 @@ class SparseFactorModel(torch.nn.Module):
             total = (ll if mask is None else ll * mask).sum()
         kl_l = self.loadings.kl(batch, sparse=self.sparse_rows)
         kl_f, kl_b = self._global_kl()
+        if self.global_share != 1.0:
+            kl_f, kl_b = self.global_share * kl_f, self.global_share * kl_b
         return ELBOTerms(scale * total, scale * kl_l, kl_f, kl_b)
 
     @torch.no_grad()

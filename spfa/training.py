@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .distributed import SINGLE, Group
 from .model import ELBOTerms
 
 __all__ = ["TrainResult", "train"]
@@ -133,6 +134,8 @@ def train(
     max_rollbacks: int = 8,
     on_window: Callable[[int, np.ndarray], None] | None = None,
     progress: Callable[[int, float], None] | None = None,
+    group: Group = SINGLE,
+    shared: list | None = None,
 ) -> TrainResult:
     """Maximise ``objective().elbo`` over ``params`` with Adam.
 
@@ -167,6 +170,13 @@ def train(
     progress : callable, optional
         ``progress(records, elbo_per_entry)`` after every finite window: the records
         done so far and the window's mean ELBO per observed entry (a progress bar).
+    group : spfa.distributed.Group
+        The ranks of a data-parallel fit: ``objective`` is this rank's share of the
+        ELBO, ``n_observed`` counts every rank's entries, the gradients of ``shared``
+        are summed over the ranks before each step, and each window's terms and
+        finiteness are summed over them before any decision.
+    shared : list of Parameter, optional
+        The parameters every rank holds alike (see ``group``).
 
     Returns
     -------
@@ -200,6 +210,7 @@ def train(
             terms = objective()
             loss = -terms.elbo * scale
             loss.backward()
+            group.sum_gradients_(shared or [])
             for opt in optimizers:
                 opt.step()
             buffer.append(terms.stacked())
@@ -207,12 +218,12 @@ def train(
             if len(buffer) < check_every and it < max_iter:
                 continue
 
-            values = torch.stack(buffer).cpu().double().numpy()
+            values = group.sum_(torch.stack(buffer)).cpu().double().numpy()
             buffer = []
             if steps_per_record > 1:
                 whole = len(values) // steps_per_record * steps_per_record
                 values = values[:whole].reshape(-1, steps_per_record, values.shape[1]).mean(1)
-            if not (np.isfinite(values).all() and _all_finite(params)):
+            if not group.all(np.isfinite(values).all() and _all_finite(params)):
                 rollbacks += 1
                 what = _what_is_not_finite(module, values)
                 if rollbacks > max_rollbacks:
