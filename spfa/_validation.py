@@ -11,6 +11,8 @@ import scipy.sparse as sp
 import torch
 from sklearn.utils.validation import validate_data
 
+from .backed import BackedRows, as_backed_rows, is_backed
+
 __all__ = [
     "INTEGER_TOLERANCE",
     "NonIntegerCountsWarning",
@@ -74,7 +76,8 @@ def check_count_values(values: np.ndarray, *, fractional: str = "warn") -> bool:
     non-negative values (normalised or ambient-corrected counts) are fitted
     under the continuous extension of the count log-likelihoods (``lgamma``
     in place of the factorial, as NMF-KL and GLM-PCA do), with one
-    :class:`NonIntegerCountsWarning`; ``fractional="error"`` refuses them.
+    :class:`NonIntegerCountsWarning`; ``fractional="error"`` refuses them and
+    ``"allow"`` accepts them silently (the caller warns once, e.g. over many blocks).
 
     Returns
     -------
@@ -108,16 +111,20 @@ def check_count_values(values: np.ndarray, *, fractional: str = "warn") -> bool:
             f"X has non-integer values (more than {INTEGER_TOLERANCE:g} from an integer); "
             "binomial thinning splits counts"
         )
-    if not integral:
-        warnings.warn(
-            "X has non-integer values (more than 1e-6 from an integer): the count "
-            "likelihood is used in its continuous extension (lgamma for the factorial), "
-            "as for normalised or ambient-corrected counts. Pass raw counts where you "
-            "have them.",
-            NonIntegerCountsWarning,
-            stacklevel=4,
-        )
+    if not integral and fractional == "warn":
+        _warn_non_integer(stacklevel=5)
     return integral
+
+
+def _warn_non_integer(stacklevel: int) -> None:
+    warnings.warn(
+        "X has non-integer values (more than 1e-6 from an integer): the count "
+        "likelihood is used in its continuous extension (lgamma for the factorial), "
+        "as for normalised or ambient-corrected counts. Pass raw counts where you "
+        "have them.",
+        NonIntegerCountsWarning,
+        stacklevel=stacklevel,
+    )
 
 
 #: the largest magnitude spfa can compute with (it computes in float32)
@@ -127,9 +134,21 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 DATA_SCALE_RANGE = (1e-15, 1e15)
 
 
-def check_values(values: np.ndarray, likelihood, *, fractional: str = "warn") -> None:
+def check_values(values: np.ndarray, likelihood, *, fractional: str = "warn") -> bool:
     """Check stored data values (NaN is missing): no infinities, nothing beyond float32's
-    range, and counts (:func:`check_count_values`) for a count likelihood."""
+    range, and counts (:func:`check_count_values`) for a count likelihood. Returns whether
+    every value is a count (True for a likelihood without integer support)."""
+    square_sum, count = _value_sums(values, likelihood)
+    _check_scale(square_sum, count)
+    if likelihood.integer_support:
+        return check_count_values(values, fractional=fractional)
+    return True
+
+
+def _value_sums(values: np.ndarray, likelihood) -> tuple[float, int]:
+    """The per-value checks of :func:`check_values`; returns the sum of squares (scaled
+    by ``1 / FLOAT32_MAX``) and the number of the observed values of a real-valued
+    likelihood, for :func:`_check_scale` (``(0, 0)`` for a count likelihood)."""
     flat = values.reshape(-1)
     square_sum, count = 0.0, 0
     for start in range(0, flat.size, _CHUNK):
@@ -149,6 +168,11 @@ def check_values(values: np.ndarray, likelihood, *, fractional: str = "warn") ->
             scaled = chunk.astype(np.float64) / FLOAT32_MAX**0.5  # no overflow in the square
             square_sum += float(np.dot(scaled, scaled))
             count += chunk.size
+    return square_sum, count
+
+
+def _check_scale(square_sum: float, count: int) -> None:
+    """Real-valued data whose root mean square float32 cannot square are an error."""
     if count:
         rms = (square_sum / count) ** 0.5 * FLOAT32_MAX**0.5
         if 0 < rms < DATA_SCALE_RANGE[0] or rms > DATA_SCALE_RANGE[1]:
@@ -158,8 +182,6 @@ def check_values(values: np.ndarray, likelihood, *, fractional: str = "warn") ->
                 f"order 1 (any scale in {DATA_SCALE_RANGE[0]:g} to {DATA_SCALE_RANGE[1]:g} "
                 "gives the same fit)"
             )
-    if likelihood.integer_support:
-        check_count_values(values, fractional=fractional)
 
 
 def check_data(estimator, X, *, reset: bool, likelihood):
@@ -183,7 +205,11 @@ def check_data(estimator, X, *, reset: bool, likelihood):
         NaN where missing (a stored NaN in a sparse matrix); implicit zeros of
         a sparse matrix are observed zeros. A sparse matrix keeps its dtype
         (float32 or float64): no copy of a large matrix is made just to widen it.
+        Rows on disk (:func:`spfa.backed.is_backed`) stay there: a
+        :class:`~spfa.backed.BackedRows`, checked block by block (:func:`check_backed`).
     """
+    if is_backed(X):
+        return check_backed(estimator, as_backed_rows(X), reset=reset, likelihood=likelihood)
     X = validate_data(
         estimator,
         X,
@@ -218,6 +244,60 @@ def check_data(estimator, X, *, reset: bool, likelihood):
     if sp.issparse(X):
         return X
     return np.asarray(X, dtype=np.float64)
+
+
+def check_backed(estimator, X: BackedRows, *, reset: bool, likelihood) -> BackedRows:
+    """:func:`check_data` for rows read from disk (:class:`spfa.backed.BackedRows`), block
+    by block: the same checks and errors, nothing of ``n x p`` size read at once. Counts
+    within ``INTEGER_TOLERANCE`` of integers are rounded as they are read
+    (``X.round_counts``); ``X.n_missing`` records the missing (NaN) entries."""
+    n, p = X.shape
+    minimum = 2 if reset else 1
+    if n < minimum:
+        raise ValueError(
+            f"Found array with {n} sample(s) (shape=({n}, {p})) while a minimum of {minimum} "
+            "is required."
+        )
+    if p < 1:
+        raise ValueError(f"Found array with 0 feature(s) (shape=({n}, 0))")
+    if reset:
+        estimator.n_features_in_ = p
+        if hasattr(estimator, "feature_names_in_"):
+            del estimator.feature_names_in_
+    elif p != estimator.n_features_in_:
+        raise ValueError(
+            f"X has {p} features, but {type(estimator).__name__} is expecting "
+            f"{estimator.n_features_in_} features as input."
+        )
+    X.round_counts = False
+    square_sum, count, n_nan, stored = 0.0, 0, 0, 0
+    integral = exact = True
+    n_nonzero = 0
+    for _, _, block in X.blocks(max(1, _CHUNK // p)):
+        values = block.data if sp.issparse(block) else block
+        block_sums = _value_sums(values, likelihood)
+        square_sum, count = square_sum + block_sums[0], count + block_sums[1]
+        nan = np.isnan(values)
+        observed = values[~nan]
+        if likelihood.integer_support:
+            integral = check_count_values(values, fractional="allow") and integral
+            exact = exact and bool(np.all(observed == np.rint(observed)))
+        n_nan += int(nan.sum())
+        stored += values.size
+        n_nonzero += int(np.count_nonzero(observed))
+    _check_scale(square_sum, count)
+    if not integral:
+        _warn_non_integer(stacklevel=4)
+    X.round_counts = bool(likelihood.integer_support and integral and not exact)
+    if stored == n * p and n_nan == stored:
+        raise ValueError("X has no observed entries (every entry is NaN)")
+    if not likelihood.observes_zeros and not n_nonzero:
+        raise ValueError(
+            f"X has no observed non-zero entries; the {likelihood.name} likelihood fits only those"
+        )
+    X.n_missing = n_nan
+    X.n_nonzero = n_nonzero
+    return X
 
 
 def _as_counts(X):
@@ -269,6 +349,15 @@ def dense_rows(X, rows=None) -> tuple[np.ndarray, np.ndarray | None]:
     x : ndarray of shape (len(rows), p)
     mask : ndarray of the same shape, 1.0 where observed, or None if all are
     """
+    if isinstance(X, BackedRows):  # read from disk: consecutive runs of increasing rows
+        if rows is None:
+            rows = slice(None)
+        if isinstance(rows, slice):
+            a, b, step = rows.indices(X.shape[0])
+            rows = np.arange(a, b, step)
+        block = X.read_rows(rows)
+        X = block if sp.issparse(block) else np.asarray(block)
+        rows = slice(None)
     if sp.issparse(X) and X.format == "csr" and isinstance(rows, slice) and rows.step is None:
         x = _csr_row_slice(X, rows)
     else:
@@ -310,8 +399,12 @@ EMPTY_ROW_COUNT = 0.5
 
 
 def library_sizes(X) -> np.ndarray:
-    """Row totals of ``X`` (validated: dense with NaN, or CSR), ``(n,)``; a row with
-    missing entries is scaled up by ``p / observed`` (its total at the observed rate)."""
+    """Row totals of ``X`` (validated: dense with NaN, CSR, or rows on disk), ``(n,)``; a
+    row with missing entries is scaled up by ``p / observed`` (its total at the observed
+    rate)."""
+    if isinstance(X, BackedRows):
+        blocks = X.blocks(max(1, _CHUNK // X.shape[1]))
+        return np.concatenate([np.zeros(0)] + [library_sizes(b) for _, _, b in blocks])
     n, p = X.shape
     if sp.issparse(X):
         missing = np.isnan(X.data)

@@ -17,8 +17,8 @@ on all genes or those of ``mask_var``, and writes, with ``key_added="spfa"``:
 
 Factors keep the estimator's order: by ELBO contribution, pruned ones last
 (``uns["spfa"]["active"]`` is False for them). A backed AnnData (``backed="r"``)
-is read in row blocks (:func:`spfa.io.read_rows`): its ``X`` is never loaded whole,
-only the fitted genes' entries, compressed.
+stays on disk: its ``X`` is read as :class:`spfa.backed.BackedRows`, a block of rows
+at a time (with ``batch_size``, one minibatch per step), never whole.
 
 Size factors are the estimator's default unless given: each cell's total count over
 the fitted genes, over the mean. New cells (:func:`transform`) are matched to the
@@ -31,6 +31,7 @@ import warnings
 
 import numpy as np
 
+from .backed import BackedRows, is_backed
 from .estimator import SparseFactorAnalysis
 from .io import read_rows
 
@@ -108,13 +109,20 @@ def counts(adata, *, layer: str | None = None, mask_var=None):
 
     Returns
     -------
-    X : ndarray or scipy.sparse.csr_matrix of shape (n_obs, n_genes_fitted)
-        Read in row blocks when ``adata`` is backed.
+    X : ndarray, scipy.sparse.csr_matrix or BackedRows of shape (n_obs, n_genes_fitted)
+        Rows on disk (:class:`spfa.backed.BackedRows`) when ``adata`` is backed.
     mask : ndarray of bool of shape (n_vars,)
     """
     mask = _gene_mask(adata, mask_var)
-    X = read_rows(layer_matrix(adata, layer), None if mask.all() else np.flatnonzero(mask))
+    X = _rows(layer_matrix(adata, layer), None if mask.all() else np.flatnonzero(mask))
     return X, mask
+
+
+def _rows(matrix, columns):
+    """``matrix[:, columns]``: left on disk when it is there, else in memory."""
+    if is_backed(matrix):
+        return BackedRows(matrix, columns=columns)
+    return read_rows(matrix, columns)
 
 
 def fit(
@@ -231,7 +239,7 @@ def transform(
     """
     columns = _columns(adata, estimator)
     whole = np.array_equal(columns, np.arange(adata.n_vars))
-    X = read_rows(layer_matrix(adata, layer), None if whole else columns)
+    X = _rows(layer_matrix(adata, layer), None if whole else columns)
     with warnings.catch_warnings():
         # the genes were matched by name above; the array itself carries none
         warnings.filterwarnings("ignore", message="X does not have valid feature names")

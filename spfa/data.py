@@ -11,6 +11,11 @@ of rows at a time:
   ``(rows[e], cols[e], x[e])``: what a zero-truncated likelihood fits, at a
   cost that scales with their number.
 
+Rows on disk (:class:`spfa.backed.BackedRows`) stay there: each batch is read
+when it is used, as :data:`RUNS_PER_BATCH` runs of consecutive rows (a file
+ordered by sample or cell type still gives mixed batches, and each read is
+contiguous); one batch of all rows is read once and kept.
+
 The rows are shuffled once into a fixed partition of ``ceil(n / batch_size)``
 batches; each pass visits them in a new random order. A batch's terms are
 scaled by the number of batches, so each step's ELBO is an unbiased estimate of
@@ -24,9 +29,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .backed import BackedRows
 from .model import ELBOTerms
 
-__all__ = ["Batch", "RowBatches"]
+__all__ = ["Batch", "RowBatches", "RUNS_PER_BATCH"]
+
+#: a batch of rows read from disk is this many runs of consecutive rows, drawn at random
+RUNS_PER_BATCH = 8
 
 
 class Batch:
@@ -98,12 +107,31 @@ class RowBatches:
         else:
             b = n if batch_size is None else min(int(batch_size), n)
             self.bounds = [(a, min(a + b, n)) for a in range(0, n, b)]
-        perm = self._rng.permutation(n) if b < n else np.arange(n)
         self.n_batches = len(self.bounds)
+        self.backed = isinstance(X, BackedRows)
+        if self.backed:
+            # runs of consecutive rows in a random order: each batch reads a few runs
+            run = max(1, -(-max(b, 1) // RUNS_PER_BATCH)) if b < n else n
+            starts = np.arange(0, n, run)
+            perm = np.concatenate(
+                [np.zeros(0, np.int64)]
+                + [np.arange(a, min(a + run, n)) for a in self._rng.permutation(starts)]
+            )
+            perm = perm if b < n else np.arange(n)
+        else:
+            perm = self._rng.permutation(n) if b < n else np.arange(n)
+        self._perm_host = perm
         self._perm = torch.as_tensor(perm, dtype=torch.long, device=device)
         self.log_s = None if log_s is None else self._float(np.asarray(log_s)[:, None])
         self.sparse = sp.issparse(X) or entries
-        if self.sparse:
+        if self.backed:
+            self._source = X
+            n_missing = int(getattr(X, "n_missing", 0))
+            self.has_missing = n_missing > 0 and not entries
+            n_nonzero = int(getattr(X, "n_nonzero", X.nnz))
+            self.n_observed = n_nonzero if entries else n * p - n_missing
+            self.n_evaluated = n_nonzero if entries else n * p
+        elif self.sparse:
             # one permuted copy in X's own dtype, which becomes the device tensors
             # (on the CPU without a further copy when X is float32)
             X = sp.csr_matrix(X)
@@ -150,6 +178,8 @@ class RowBatches:
 
     def _make(self, i: int) -> Batch:
         a, e = self.bounds[i]
+        if self.backed:
+            return self._read(a, e)
         # one batch of all rows in their own order: no gather of the loadings per step
         rows = None if self.n_batches == 1 else self._perm[a:e]
         if self.sparse:
@@ -163,6 +193,40 @@ class RowBatches:
             x[local, cols] = values
         else:
             x = self._dense[a:e]
+        mask = None
+        if self.has_missing:
+            nan = torch.isnan(x)
+            mask = (~nan).to(x.dtype)
+            x = torch.where(nan, torch.zeros_like(x), x)
+        return Batch(x, mask, rows)
+
+    def _read(self, a: int, e: int) -> Batch:
+        """The batch of positions ``a:e`` of the partition, read from disk (its rows in
+        increasing order)."""
+        if self.n_batches == 1:
+            ids, rows = np.arange(self.shape[0]), None
+            block = self._source.read(0, self.shape[0])
+        else:
+            ids = np.sort(self._perm_host[a:e])
+            rows = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+            block = self._source.read_rows(ids)
+        m, p = block.shape
+        if self.entries or sp.issparse(block):
+            block = sp.csr_matrix(block)
+            local = np.repeat(np.arange(m), np.diff(block.indptr))
+            values, cols = block.data, block.indices
+            if self.entries:  # the observed non-zero entries
+                keep = (values != 0) & ~np.isnan(values)
+                entry_rows = torch.as_tensor(ids[local[keep]], device=self.device)
+                cols = torch.as_tensor(cols[keep].astype(np.int64), device=self.device)
+                return Batch(self._float(values[keep]), None, rows, entry_rows, cols)
+            x = torch.zeros((m, p), dtype=torch.float32, device=self.device)
+            x[
+                torch.as_tensor(local, device=self.device),
+                torch.as_tensor(cols.astype(np.int64), device=self.device),
+            ] = self._float(values)
+        else:
+            x = self._float(block)
         mask = None
         if self.has_missing:
             nan = torch.isnan(x)

@@ -10,9 +10,9 @@ import scipy.sparse as sp
 
 ad = pytest.importorskip("anndata")
 
-import spfa.io  # noqa: E402
 from spfa import SparseFactorAnalysis  # noqa: E402
 from spfa import anndata as spfa_anndata  # noqa: E402
+from spfa.backed import BackedRows  # noqa: E402
 
 # short fits: the keys and their agreement with the estimator are tested, not convergence
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -93,28 +93,27 @@ def test_size_factors_from_an_obs_column():
     np.testing.assert_allclose(est.training_size_factors_, adata.obs["sf"].to_numpy())
 
 
-def test_backed_file_is_read_in_row_blocks_and_fits_as_in_memory(tmp_path, monkeypatch):
+def test_backed_file_stays_on_disk_and_fits_as_in_memory(tmp_path, monkeypatch):
     adata = counts()
     path = tmp_path / "a.h5ad"
     adata.write_h5ad(path)
     spfa_anndata.fit(adata, 2, mask_var="hv", **PARAMS)
 
-    blocks = []
-    original = spfa.io.iter_row_blocks
+    reads = []
+    original = BackedRows.read
 
-    def spy(matrix, block_rows=None):
-        for start, stop, block in original(matrix, block_rows):
-            blocks.append((start, stop, sp.issparse(block)))
-            yield start, stop, block
+    def spy(self, start, stop):
+        block = original(self, start, stop)
+        reads.append((start, stop, sp.issparse(block), block.shape[1]))
+        return block
 
-    monkeypatch.setattr(spfa.io, "ROW_BLOCK_ENTRIES", 7 * adata.n_vars)
-    monkeypatch.setattr(spfa.io, "iter_row_blocks", spy)
+    monkeypatch.setattr(BackedRows, "read", spy)
     backed = ad.read_h5ad(path, backed="r")
     assert backed.isbacked
     spfa_anndata.fit(backed, 2, mask_var="hv", **PARAMS)
-    assert max(stop - start for start, stop, _ in blocks) == 7
-    assert blocks[0][0] == 0 and blocks[-1][1] == adata.n_obs
-    assert all(sparse for *_, sparse in blocks)  # compressed blocks, never a dense X
+    assert reads and all(sparse for _, _, sparse, _ in reads)  # compressed, never a dense X
+    assert {p for *_, p in reads} == {int(adata.var["hv"].sum())}  # the fitted genes only
+    # the same rows, in the same order, the same start: the same fit
     np.testing.assert_allclose(backed.obsm["X_spfa"], adata.obsm["X_spfa"], rtol=1e-5, atol=1e-6)
     backed.file.close()
 

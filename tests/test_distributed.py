@@ -217,3 +217,28 @@ def test_scale_out_benchmark_under_torchrun(tmp_path):
         row = table[design]
         assert row["identical_on_ranks"]
         assert row["parallel_error"] <= row["single_error"] + 0.02
+
+
+# ---------------------------------------------------------- rows from disk
+def _fit_disk_share(path):
+    from spfa.backed import BackedRows
+
+    group = current_group()
+    rows = BackedRows.open(path).shard(group.rank, group.size)
+    est = _fit("gaussian_minibatch", rows)
+    return {"components": est.components_, "mean": _fitted_mean(est), "read": rows.shape[0]}
+
+
+@pytest.mark.slow
+def test_each_rank_reads_only_its_share_of_a_file(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    sim = _data("gaussian_minibatch")
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        f["X"] = sim.x
+    r0, r1 = run_on_ranks(_fit_disk_share, 2, path, timeout=300)
+    np.testing.assert_array_equal(r0["components"], r1["components"])
+    assert r0["read"] == r1["read"] == N // 2
+    _, _, single_mean = _single("gaussian_minibatch")
+    err = relative_error(np.concatenate([r0["mean"], r1["mean"]]), sim.mean)
+    assert err <= relative_error(single_mean, sim.mean) + 0.02
