@@ -20,6 +20,19 @@ data-parallel error is more than ``--tolerance`` above the single-process one.
 
 The ranks' results are written to ``--out``/``<design>-rank<r>.npz``, the table
 to ``--out``/scale_out.json.
+
+``--plan`` prints instead the arithmetic of a larger run that was not measured (the
+default: 1M cells x 30k genes, k = 30, on 8 GPUs): the bytes all-reduced per step
+(counted from the model's own shared parameters), the memory per rank (the CSR shard,
+the rows' variational parameters and their optimiser state, and the step's
+temporaries, whose number of ``batch x p`` arrays is measured here by running steps
+of that shape on the CPU), and the time per epoch bound by the GPU's memory bandwidth
+(about 20 passes over the batch's ``batch x p`` float32 values per step) and by the
+all-reduces over the interconnect::
+
+    python -m simulations.scale_out --plan [--plan-cells 1000000] [--plan-genes 30000]
+        [--plan-k 30] [--plan-gpus 8] [--plan-batch 4096] [--plan-density 0.07]
+        [--plan-hbm-gbs 3350] [--plan-link-gbs 300] [--plan-step-overhead-ms 3]
 """
 
 from __future__ import annotations
@@ -199,6 +212,130 @@ def run(args) -> dict:
     return table
 
 
+_STEP = """
+import resource, sys, numpy as np, torch
+from spfa import fitting
+from spfa.likelihoods import get_likelihood
+p, k, b = (int(a) for a in sys.argv[1:4])
+lik = get_likelihood("poisson", "exp")
+lik.initialize(np.ones(p), np.ones(p))
+priors = {"loadings": "point_normal", "factors": "point_normal"}
+settings = fitting.FitSettings(k, priors, True, "mc", 1, 8, 1, 0.0, 0.05, None, torch.device("cpu"))
+x = torch.poisson(torch.ones(b, p))
+model = fitting.new_model(b, p, lik, settings)
+opt = torch.optim.Adam(model.parameters(), lr=0.01)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(3):
+    opt.zero_grad()
+    (-model.elbo_terms(x, None, None, settings.rule(), None).elbo).backward()
+    opt.step()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+adam = 2 * sum(q.numel() for q in model.parameters()) * 4
+print(((after - before) * 1024 - adam) / (4.0 * b * p))
+"""
+
+
+def _step_temporaries(p: int, k: int, batch: int) -> float:
+    """The memory a training step of ``batch x p`` takes beyond the model and Adam's
+    state, in ``batch x p`` float32 arrays: the peak RSS growth over steps of the
+    default model on the CPU, in a fresh process."""
+    done = subprocess.run(
+        [sys.executable, "-c", _STEP, str(p), str(k), str(batch)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def plan(args) -> dict:
+    """The arithmetic of a data-parallel run at a size not measured (``--plan``)."""
+    import torch
+
+    from spfa import fitting
+    from spfa.likelihoods import get_likelihood
+
+    n, p, k, w, b = args.plan_cells, args.plan_genes, args.plan_k, args.plan_gpus, args.plan_batch
+    lik = get_likelihood("poisson", "exp")
+    lik.initialize(np.ones(p), np.ones(p))
+    settings = fitting.FitSettings(
+        k,
+        {"loadings": "point_normal", "factors": "point_normal"},
+        True,
+        "mc",
+        1,
+        8,
+        1,
+        0.0,
+        0.05,
+        b,
+        torch.device("cpu"),
+    )
+    model = fitting.new_model(1, p, lik, settings)
+    rows = {id(q) for q in model.row_parameters()}
+    shared = sum(q.numel() for q in model.parameters() if id(q) not in rows)
+    per_row = sum(q.numel() for q in model.parameters() if id(q) in rows)  # one row's
+    rows_per_rank = -(-n // w)
+    steps = -(-rows_per_rank // b)
+    nnz = rows_per_rank * p * args.plan_density
+    arrays = _step_temporaries(min(p, 4000), k, min(b, 1024))
+    gib = 2.0**30
+    memory = {
+        "csr_shard_gib": nnz * 8 / gib,  # float32 value + int32 column per stored entry
+        "rows_q_and_adam_gib": rows_per_rank * per_row * 4 * 3 / gib,
+        "shared_q_and_adam_gib": shared * 4 * 3 / gib,
+        "step_temporaries_gib": arrays * b * p * 4 / gib,
+    }
+    allreduce_bytes = (shared + 1) * 4  # gradients, plus the window's terms (negligible)
+    # ring all-reduce: each GPU sends and receives 2 (w - 1) / w of the buffer
+    allreduce_s = 2 * (w - 1) / w * allreduce_bytes / (args.plan_link_gbs * 1e9)
+    compute_s = 20 * b * p * 4 / (args.plan_hbm_gbs * 1e9)
+    step_s = compute_s + allreduce_s + args.plan_step_overhead_ms / 1e3
+    return {
+        "cells": n,
+        "genes": p,
+        "k": k,
+        "gpus": w,
+        "batch": b,
+        "density": args.plan_density,
+        "shared_parameters": shared,
+        "allreduce_bytes_per_step": allreduce_bytes,
+        "rows_per_rank": rows_per_rank,
+        "steps_per_epoch": steps,
+        "step_temporaries_in_batch_x_p_arrays": arrays,
+        **memory,
+        "memory_per_rank_gib": sum(memory.values()),
+        "compute_seconds_per_step": compute_s,
+        "allreduce_seconds_per_step": allreduce_s,
+        "seconds_per_epoch": steps * step_s,
+    }
+
+
+def _print_plan(row) -> None:
+    print(
+        f"{row['cells']:,} cells x {row['genes']:,} genes, k = {row['k']}, {row['gpus']} GPUs, "
+        f"batch {row['batch']} rows per GPU, {row['density']:.0%} non-zero (arithmetic, not "
+        "a measurement)"
+    )
+    print(
+        f"shared parameters {row['shared_parameters']:,}: "
+        f"{row['allreduce_bytes_per_step'] / 2**20:.1f} MiB all-reduced per step"
+    )
+    print(
+        f"per rank: {row['rows_per_rank']:,} rows, {row['steps_per_epoch']} steps per epoch; "
+        f"memory {row['memory_per_rank_gib']:.1f} GiB = CSR shard {row['csr_shard_gib']:.1f} + "
+        f"rows' q(L) and Adam {row['rows_q_and_adam_gib']:.2f} + shared q and Adam "
+        f"{row['shared_q_and_adam_gib']:.2f} + a step's temporaries "
+        f"{row['step_temporaries_gib']:.1f} ({row['step_temporaries_in_batch_x_p_arrays']:.1f} "
+        "batch x p float32 arrays, measured on the CPU)"
+    )
+    print(
+        f"per step: {row['compute_seconds_per_step'] * 1e3:.2f} ms at the memory-bandwidth "
+        f"bound + {row['allreduce_seconds_per_step'] * 1e3:.2f} ms all-reduce + the launch "
+        f"overhead; per epoch {row['seconds_per_epoch']:.1f} s"
+    )
+
+
 def _print(table) -> None:
     print(f"{table['nproc']} ranks, n={table['n']}, p={table['p']}, k={table['k']}")
     head = (
@@ -233,7 +370,23 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--out", default="runs/scale_out")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--plan", action="store_true", help="the arithmetic of a larger run")
+    parser.add_argument("--plan-cells", type=int, default=1_000_000)
+    parser.add_argument("--plan-genes", type=int, default=30_000)
+    parser.add_argument("--plan-k", type=int, default=30)
+    parser.add_argument("--plan-gpus", type=int, default=8)
+    parser.add_argument("--plan-batch", type=int, default=4096)
+    parser.add_argument("--plan-density", type=float, default=0.07)
+    parser.add_argument("--plan-hbm-gbs", type=float, default=3350.0, help="GPU memory GB/s")
+    parser.add_argument("--plan-link-gbs", type=float, default=300.0, help="all-reduce GB/s")
+    parser.add_argument("--plan-step-overhead-ms", type=float, default=3.0)
     args = parser.parse_args(argv)
+    if args.plan:
+        row = plan(args)
+        _print_plan(row)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "plan.json").write_text(json.dumps(row, indent=2))
+        return 0
     if args.worker:
         worker(args)
         return 0

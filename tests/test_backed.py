@@ -55,6 +55,11 @@ def test_reads_rows_of_every_kind_of_source(tmp_path):
         "h5py group": BackedRows.open(_write_group(tmp_path / "g.h5", X)),
         "dense dataset": BackedRows.open(dense_path, key="M"),
     }
+    zarr = pytest.importorskip("zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's note on zarr's format versions
+        ad.AnnData(X=X).write_zarr(tmp_path / "a.zarr")
+    sources["zarr group"] = BackedRows(zarr.open(tmp_path / "a.zarr", mode="r")["X"])
     for name, rows in sources.items():
         assert rows.shape == X.shape, name
         block = rows.read(7, 31)
