@@ -133,6 +133,7 @@ def worker(args) -> None:
                 kept=est.n_effective_components_,
                 peak_rss_mib=_peak_rss_mib(),
             )
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 

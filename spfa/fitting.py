@@ -128,12 +128,16 @@ class FitSettings:
             n = X.shape[0]
             own = 1 if self.batch_size is None else -(-n // min(self.batch_size, n))
             n_batches = int(self.group.max(own))
-            if n_batches > n:
-                raise ValueError(
-                    f"rank {self.group.rank} holds {n} rows, fewer than the {n_batches} "
-                    "batches per pass that the largest rank needs: give every rank at least "
-                    "as many rows as that, or a larger batch_size"
-                )
+
+            def enough_rows():
+                if n_batches > n:
+                    raise ValueError(
+                        f"rank {self.group.rank} holds {n} rows, fewer than the {n_batches} "
+                        "batches per pass that the largest rank needs: give every rank at "
+                        "least as many rows as that, or a larger batch_size"
+                    )
+
+            self.group.agree(enough_rows)  # every rank stops, none waits for the other
         return RowBatches(
             X,
             None if s is None else np.log(s),

@@ -242,3 +242,25 @@ def test_each_rank_reads_only_its_share_of_a_file(tmp_path):
     _, _, single_mean = _single("gaussian_minibatch")
     err = relative_error(np.concatenate([r0["mean"], r1["mean"]]), sim.mean)
     assert err <= relative_error(single_mean, sim.mean) + 0.02
+
+
+def _uneven(rows_of_rank_0):
+    group = current_group()
+    sim = _data("gaussian_minibatch")
+    n0 = rows_of_rank_0
+    rows = np.arange(n0) if group.rank == 0 else np.arange(n0, N)
+    try:
+        est = _fit("gaussian_minibatch", sim.x[rows], batch_size=40, max_iter=20)
+    except ValueError as err:
+        return str(err)
+    return est.components_
+
+
+def test_uneven_shares_step_through_the_same_number_of_batches():
+    # rank 1 holds 390 rows: 10 batches of 40; rank 0's 10 rows make 10 batches of 1
+    r0, r1 = run_on_ranks(_uneven, 2, 10)
+    np.testing.assert_array_equal(r0, r1)
+    # 5 rows cannot make 9 batches: an error on both ranks, not a hang
+    r0, r1 = run_on_ranks(_uneven, 2, 5)
+    assert "fewer than the 10 batches" in r0
+    assert "another rank" in r1

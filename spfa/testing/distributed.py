@@ -38,6 +38,7 @@ def _entry(rank: int, fn, size: int, folder: str, args: tuple, timeout: float) -
         out = fn(*args)
         with open(Path(folder) / f"rank{rank}.pkl", "wb") as fh:
             pickle.dump(out, fh)
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
