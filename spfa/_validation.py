@@ -25,6 +25,7 @@ __all__ = [
     "resolve_device",
     "check_positive_int",
     "check_positive_float",
+    "check_covariates",
     "check_start",
     "clear_fitted",
     "warn_missing_size_factors",
@@ -495,6 +496,52 @@ def warn_missing_size_factors(training, given, from_library=False) -> None:
             SizeFactorsWarning,
             stacklevel=5,
         )
+
+
+def check_covariates(covariates, n_samples: int, fitted: int | None = None):
+    """Known covariates as a float64 ``(n_samples, c)`` array, or None.
+
+    Parameters
+    ----------
+    covariates : array-like of shape (n_samples, c) or (n_samples,), or None
+    n_samples : int
+    fitted : int, optional
+        The number of covariates of the fit these rows go to (0: it had none); None when
+        fitting.
+
+    Raises
+    ------
+    ValueError
+        Non-numeric, non-finite or misshapen covariates; covariates missing for rows of a
+        fit that had them, or given to one that had none.
+    """
+    if covariates is None:
+        if fitted:
+            raise ValueError(
+                f"the fit had {fitted} covariate(s): pass covariates= for these rows too"
+            )
+        return None
+    if fitted == 0:
+        raise ValueError("the fit had no covariates, but these rows were given covariates=")
+    try:
+        C = np.asarray(covariates, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            "covariates must be numeric: one-hot encode categories (spfa.anndata.fit does "
+            "for the obs columns it is given)"
+        ) from err
+    if C.ndim == 1:
+        C = C[:, None]
+    if C.ndim != 2 or C.shape[0] != n_samples or C.shape[1] < 1:
+        raise ValueError(
+            f"covariates must have shape ({n_samples}, c), one row per sample; got "
+            f"{np.shape(covariates)}"
+        )
+    if fitted is not None and C.shape[1] != fitted:
+        raise ValueError(f"the fit had {fitted} covariate(s); these rows have {C.shape[1]}")
+    if not np.all(np.isfinite(C)):
+        raise ValueError("covariates contain NaN or infinity")
+    return C
 
 
 def clear_fitted(estimator) -> None:

@@ -53,8 +53,9 @@ class Batch:
         #: what the likelihood computes from the data alone, kept while the batch is
         self.cache = {}
 
-    def terms(self, model, log_s, expectation, generator, scale: float):
-        """The ELBO's terms of this batch, scaled (see :meth:`SparseFactorModel.elbo_terms`)."""
+    def terms(self, model, log_s, expectation, generator, scale: float, covariates=None):
+        """The ELBO's terms of this batch, scaled (see :meth:`SparseFactorModel.elbo_terms`);
+        ``log_s`` and ``covariates`` are every sample's."""
         index_rows = self.rows if self.cols is None else self.entry_rows
         return model.elbo_terms(
             self.x,
@@ -67,6 +68,7 @@ class Batch:
             batch=self.rows,
             scale=scale,
             cache=self.cache,
+            covariates=covariates,
         )
 
 
@@ -90,9 +92,22 @@ class RowBatches:
         Split the rows into exactly this many batches of nearly equal size instead
         (``batch_size`` is then ignored): the ranks of a data-parallel fit step
         through the same number of batches per pass.
+    covariates : ndarray of shape (n, c), optional
+        Known covariates of the rows (kept on the device, indexed like ``log_s``).
     """
 
-    def __init__(self, X, log_s, batch_size, *, entries: bool, device, seed: int, n_batches=None):
+    def __init__(
+        self,
+        X,
+        log_s,
+        batch_size,
+        *,
+        entries: bool,
+        device,
+        seed: int,
+        n_batches=None,
+        covariates=None,
+    ):
         n, p = X.shape
         self.shape = (n, p)
         self.device = device
@@ -123,6 +138,7 @@ class RowBatches:
         self._perm_host = perm
         self._perm = torch.as_tensor(perm, dtype=torch.long, device=device)
         self.log_s = None if log_s is None else self._float(np.asarray(log_s)[:, None])
+        self.covariates = None if covariates is None else self._float(covariates)
         self.sparse = sp.issparse(X) or entries
         if self.backed:
             self._source = X
@@ -257,7 +273,7 @@ class RowBatches:
     def step_terms(self, model, expectation, generator):
         """One step's unbiased estimate of the whole ELBO, from the next batch."""
         return self.next_batch().terms(
-            model, self.log_s, expectation, generator, float(self.n_batches)
+            model, self.log_s, expectation, generator, float(self.n_batches), self.covariates
         )
 
     def total_terms(self, model, expectation, generator, n_batches=None) -> ELBOTerms:
@@ -267,7 +283,9 @@ class RowBatches:
         used = range(self.n_batches if n_batches is None else n_batches)
         err = kl_l = 0.0
         for i in used:
-            terms = self.batch(i).terms(model, self.log_s, expectation, generator, 1.0)
+            terms = self.batch(i).terms(
+                model, self.log_s, expectation, generator, 1.0, self.covariates
+            )
             err, kl_l = err + terms.err, kl_l + terms.kl_l
         seen = sum(self.bounds[i][1] - self.bounds[i][0] for i in used)
         scale = self.shape[0] / seen

@@ -14,6 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import fitting
 from ._validation import (
+    check_covariates,
     check_data,
     check_positive_float,
     check_positive_int,
@@ -135,6 +136,13 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         Gaussian only.
     noise_variance_, dispersion_, inverse_dispersion_, zero_inflation_, ... :
         The likelihood's fitted nuisance parameters.
+    covariate_coef_, covariate_coef_sd_ : ndarray of shape (n_features, n_covariates)
+        Posterior mean and sd of the covariates' effects ``B`` (fits given ``covariates``).
+    covariate_prior_scale_ : ndarray of shape (n_covariates,)
+        Each covariate's learned prior sd of its effects.
+    n_covariates_ : int
+        The number of covariates (0 without).
+    training_covariates_ : ndarray of shape (n_samples, n_covariates) or None
     training_size_factors_ : ndarray of shape (n_samples,) or None
     library_size_mean_ : float or None
         The training rows' mean library size when their size factors came from it.
@@ -305,7 +313,16 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         return X, default_size_factors(X, s, likelihood, mean is not None, mean)[0]
 
     # -------------------------------------------------------------------- fit
-    def fit(self, X, y=None, *, size_factors=None, init_loadings=None, init_factors=None):
+    def fit(
+        self,
+        X,
+        y=None,
+        *,
+        size_factors=None,
+        covariates=None,
+        init_loadings=None,
+        init_factors=None,
+    ):
         """Fit the model to ``X``.
 
         Parameters
@@ -316,6 +333,11 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         size_factors : array-like of shape (n_samples,), default=None
             Positive per-sample scale of the mean (count likelihoods); None: library
             sizes (``library_size=True``) or 1.
+        covariates : array-like of shape (n_samples, c), default=None
+            Known covariates (a one-hot batch, continuous covariates): the model is
+            ``eta = L F^T + C B^T + b`` with per-feature effects ``B`` (``(p, c)``, a
+            normal prior per covariate, learned: ``covariate_coef_``), so that the
+            factors describe the variation beyond them. New rows then need theirs.
         init_loadings, init_factors : array-like of shape (n_samples | n_features, n_components)
             Starting posterior means of ``L`` and ``F`` in place of spfa's own
             (a weighted SVD); give both or neither.
@@ -326,7 +348,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         """
         previous = dict(vars(self))
         try:
-            fit = self._fit(X, size_factors, init_loadings, init_factors)
+            fit = self._fit(X, size_factors, covariates, init_loadings, init_factors)
             if fit.result.interrupted and not fit.result.history["elbo"]:
                 raise KeyboardInterrupt(
                     f"SparseFactorAnalysis.fit {fit.result.message}: no window was completed, "
@@ -357,7 +379,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             )
         return self
 
-    def _fit(self, X, size_factors, init_loadings, init_factors) -> fitting.Fit:
+    def _fit(self, X, size_factors, covariates, init_loadings, init_factors) -> fitting.Fit:
         group = current_group()
         settings = self._settings(group=group)
         likelihood = self._make_likelihood()
@@ -370,14 +392,17 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                 init_loadings, init_factors, *X.shape, settings.n_components, n_total=n_rows
             )
         )
+        C = group.agree(lambda: check_covariates(covariates, X.shape[0]))
         self.device_ = settings.device
         rng = check_random_state(self.random_state)
         if group.parallel:  # every rank draws the start's and the fit's randomness alike
             rng = np.random.RandomState(group.seed(rng.randint(2**31 - 1)))
-        fit = fitting.fit_model(X, s, likelihood, settings, rng, start)
+        fit = fitting.fit_model(X, s, likelihood, settings, rng, start, C)
         for name, value in fitting.fit_attributes(fit, X, group).items():
             setattr(self, name, value)
         self.training_size_factors_ = s
+        self.training_covariates_ = C
+        self.n_covariates_ = 0 if C is None else C.shape[1]
         self.fitted_params_ = self._structure()
         self._n_features_out = self.n_components
         return fit
@@ -395,23 +420,26 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         return fitting.build_model(self.state_dict_, n, self.n_features_in_, likelihood, settings)
 
     # -------------------------------------------------------------- new rows
-    def _fit_rows(self, X, size_factors):
+    def _fit_rows(self, X, size_factors, covariates=None):
         self._check_fitted()
         likelihood = self._make_likelihood()
         X, s = self._data(X, size_factors, reset=False, likelihood=likelihood)
+        C = check_covariates(covariates, X.shape[0], getattr(self, "n_covariates_", 0))
         settings = self._settings(self.device_)
         rng = check_random_state(self.random_state)
-        return fitting.fit_rows(self.state_dict_, X, s, likelihood, settings, rng), settings
+        fit = fitting.fit_rows(self.state_dict_, X, s, likelihood, settings, rng, C)
+        return fit, settings
 
-    def transform(self, X, *, size_factors=None):
-        """``E[L]`` of new rows, ``(n, k)``: their ``q(L)`` is fitted, all else held fixed."""
-        (model, _, _), _ = self._fit_rows(X, size_factors)
+    def transform(self, X, *, size_factors=None, covariates=None):
+        """``E[L]`` of new rows, ``(n, k)``: their ``q(L)`` is fitted, all else held fixed
+        (rows of a fit with covariates need theirs)."""
+        (model, _, _), _ = self._fit_rows(X, size_factors, covariates)
         return model.loadings.posterior().mean
 
-    def score(self, X, y=None, *, size_factors=None):
+    def score(self, X, y=None, *, size_factors=None, covariates=None):
         """ELBO per observed entry of ``X`` (``q(L)`` fitted as in :meth:`transform`),
         with fixed-seed Monte Carlo draws. Held-out scores: :mod:`spfa.heldout`."""
-        (model, data, _), settings = self._fit_rows(X, size_factors)
+        (model, data, _), settings = self._fit_rows(X, size_factors, covariates)
         return fitting.score_rows(model, data, settings)
 
     # -------------------------------------------------------------- summaries
@@ -419,14 +447,14 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         """Posterior of ``F``, ``(n_features, n_components)``: mean, sd, pip, lfsr, intervals."""
         return self.get_model().factors.posterior()
 
-    def loadings_posterior(self, X=None, *, size_factors=None) -> Posterior:
+    def loadings_posterior(self, X=None, *, size_factors=None, covariates=None) -> Posterior:
         """Posterior of ``L``: of the training rows, or of new rows ``X`` (fitted as in
         :meth:`transform`)."""
         if X is None:
-            if size_factors is not None:
-                raise ValueError("size_factors are only used with new rows X")
+            if size_factors is not None or covariates is not None:
+                raise ValueError("size_factors and covariates are only used with new rows X")
             return self.get_model().loadings.posterior()
-        (model, _, _), _ = self._fit_rows(X, size_factors)
+        (model, _, _), _ = self._fit_rows(X, size_factors, covariates)
         return model.loadings.posterior()
 
     def top_features(self, n_top=10, *, min_pip=0.5) -> list[dict]:
@@ -439,29 +467,42 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         post = self.factors_posterior()
         return top_features(post, self.active_components_, names, n_top, min_pip)
 
-    def inverse_transform(self, Z):
-        """Expected data ``h(Z E[F]^T + b)`` on the mean scale (size factor 1), ``(n, p)``."""
+    def inverse_transform(self, Z, *, covariates=None):
+        """Expected data ``h(Z E[F]^T + C E[B]^T + b)`` on the mean scale (size factor 1),
+        ``(n, p)``. Without ``covariates`` (of a fit that had them) the covariates' effect
+        is left out: the mean with the covariates at 0 (for a one-hot batch, corrected
+        for it)."""
         self._check_fitted()
         Z = np.asarray(Z, dtype=np.float64)
         if Z.ndim != 2 or Z.shape[1] != self.n_components:
             raise ValueError(f"Z must have shape (n_samples, {self.n_components}), got {Z.shape}")
+        fitted = getattr(self, "n_covariates_", 0)
+        C = None
+        if covariates is not None:
+            C = check_covariates(covariates, Z.shape[0], fitted)
         lik = fitting.fitted_likelihood(
             self.state_dict_, self.n_features_in_, self._make_likelihood(), self._settings("cpu")
         )
+        eta = Z @ self.components_ + self.intercept_
+        if C is not None:
+            eta = eta + C @ self.covariate_coef_.T
         with torch.no_grad():
-            eta = torch.as_tensor(Z @ self.components_ + self.intercept_)
-            return lik.double().mean(eta).numpy()
+            return lik.double().mean(torch.as_tensor(eta)).numpy()
 
-    def sample(self, n_draws=1, *, size_factors=None, random_state=None):
+    def sample(self, n_draws=1, *, size_factors=None, covariates=None, random_state=None):
         """Posterior predictive data sets of the training rows, ``(n_draws, n, p)``:
-        ``L, F, b`` drawn jointly from ``q``, data from the likelihood, scaled by
-        ``size_factors`` (default: the training ones)."""
+        ``L, F, B, b`` drawn jointly from ``q``, data from the likelihood, scaled by
+        ``size_factors`` and at ``covariates`` (default: the training ones)."""
         model = self.get_model()
         n_draws = check_positive_int(n_draws, "n_draws")
         s = check_size_factors(size_factors, model.loadings.m, model.likelihood)
         s = self.training_size_factors_ if s is None else s
+        fitted = getattr(self, "n_covariates_", 0)
+        C = getattr(self, "training_covariates_", None)
+        if covariates is not None:
+            C = check_covariates(covariates, model.loadings.m, fitted)
         rng = check_random_state(random_state)
-        return fitting.sample_data(model, s, n_draws, self.n_features_in_, rng)
+        return fitting.sample_data(model, s, n_draws, self.n_features_in_, rng, C)
 
     # ------------------------------------------------------------ persistence
     def save(self, path) -> None:

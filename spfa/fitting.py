@@ -118,7 +118,7 @@ class FitSettings:
         gen.manual_seed(int(seed))
         return gen
 
-    def batches(self, X, s, likelihood: Likelihood, seed: int) -> RowBatches:
+    def batches(self, X, s, likelihood: Likelihood, seed: int, covariates=None) -> RowBatches:
         """The data on the device, in batches of ``batch_size`` rows (one batch if None):
         dense blocks, or for a zero-truncated likelihood only the entries it fits. Across
         ranks, every rank splits its rows into the same number of batches, the most any
@@ -146,11 +146,12 @@ class FitSettings:
             device=self.device,
             seed=seed,
             n_batches=n_batches,
+            covariates=covariates,
         )
 
 
 # ---------------------------------------------------------------------- models
-def new_model(n_rows: int, p: int, likelihood: Likelihood, settings: FitSettings):
+def new_model(n_rows: int, p: int, likelihood: Likelihood, settings: FitSettings, n_covariates=0):
     return SparseFactorModel(
         n_rows,
         p,
@@ -159,6 +160,7 @@ def new_model(n_rows: int, p: int, likelihood: Likelihood, settings: FitSettings
         fit_intercept=settings.fit_intercept,
         loadings_prior=settings.priors["loadings"],
         factors_prior=settings.priors["factors"],
+        n_covariates=n_covariates,
     )
 
 
@@ -189,7 +191,8 @@ def build_model(
         If ``state`` does not fit the model (missing or unexpected keys).
     """
     likelihood.initialize(np.ones(p), np.ones(p))
-    model = new_model(n_rows, p, likelihood, settings)
+    effects = state.get("covariate_effects.mean")
+    model = new_model(n_rows, p, likelihood, settings, 0 if effects is None else effects.shape[1])
     local = row_state_keys(model)
     state = {k: torch.as_tensor(v) for k, v in state.items() if rows or k not in local}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -244,7 +247,7 @@ def _row_blocks(X, s, likelihood, block_rows: int):
     return blocks
 
 
-def compute_start(model, X, s, settings: FitSettings, rng, start=None):
+def compute_start(model, X, s, settings: FitSettings, rng, start=None, covariates=None):
     """The start's point estimates (:func:`spfa.initialization.initialize`) from the
     data, or from given means ``start = (L0, F0)``; returns ``(init, rows)`` where
     ``rows`` is the subset of rows the SVD saw (None: all).
@@ -277,10 +280,12 @@ def compute_start(model, X, s, settings: FitSettings, rng, start=None):
             rng,
             nonnegative=nonnegative,
             reduce=group.sum,
+            covariates=covariates,
         )
         return init, None
     sub, x0, mask0, s0 = _start_block(X, s, likelihood, settings.n_components, rng)
     start0 = start if start is None or sub is None else (start[0][sub], start[1])
+    cov0 = covariates if covariates is None or sub is None else covariates[sub]
     init = initialize(
         x0,
         mask0,
@@ -291,11 +296,14 @@ def compute_start(model, X, s, settings: FitSettings, rng, start=None):
         rng,
         start=start0,
         nonnegative=nonnegative,
+        covariates=cov0,
     )
     return init, sub
 
 
-def apply_start(model, init, sub, X, s, settings: FitSettings, start=None, shrink=1.0) -> None:
+def apply_start(
+    model, init, sub, X, s, settings: FitSettings, start=None, shrink=1.0, covariates=None
+) -> None:
     """Set ``model`` to the start, through the families' ``start_prior_`` / ``start_``
     seam; ``shrink`` scales the loadings' point estimates (and so ``L F^T``)."""
     model.loadings.start_prior_(init.loadings_scale())
@@ -310,19 +318,24 @@ def apply_start(model, init, sub, X, s, settings: FitSettings, start=None, shrin
     with torch.no_grad():
         for name, value in (init.intercept or {}).items():
             getattr(model.intercept, name).copy_(torch.as_tensor(value))
+    if model.covariate_effects is not None:
+        model.covariate_effects.start_(
+            init.covariate_coef, init.covariate_precision, model.likelihood.data_unit
+        )
     model.to(settings.device)
     if sub is not None:  # every row's loadings from the projection onto the start's F
-        start_rows(model, X, s, None if start is None else start[0], shrink)
+        start_rows(model, X, s, None if start is None else start[0], shrink, covariates=covariates)
 
 
-def start_rows(model, X, s, means=None, shrink=1.0, posterior=False) -> None:
+def start_rows(model, X, s, means=None, shrink=1.0, posterior=False, covariates=None) -> None:
     """Start ``q(L)`` of every row of ``X`` from the model's factors, in chunks of rows.
 
     The point estimates come from a ridge projection of the linearised data
     onto ``E[F]`` (or from ``means``, ``(n, k)``), the precisions from their
     coordinate-ascent values given ``F``. With ``posterior=True`` (new rows)
     ``q(L)`` starts at the family's normal-means posterior given them
-    (``start_posterior_``).
+    (``start_posterior_``). ``covariates`` (``(n, c)``) are the rows' known covariates,
+    whose fitted effects are taken out of the data first.
     """
     n, p = X.shape
     chunk = max(1, INIT_ENTRIES // p)
@@ -333,7 +346,8 @@ def start_rows(model, X, s, means=None, shrink=1.0, posterior=False) -> None:
         if not model.likelihood.observes_zeros:  # the zeros are not data here
             mask = ((x != 0) & (mask is None or mask > 0)).astype(np.float64)
         s_rows = None if s is None else s[rows]
-        values = projection.means(x, mask, s_rows) if means is None else means[rows]
+        c_rows = None if covariates is None else covariates[rows]
+        values = projection.means(x, mask, s_rows, c_rows) if means is None else means[rows]
         precision = projection.precision(mask, len(rows))
         if posterior:
             # the projection is a ridge solve, already shrunk by the prior's precision tau
@@ -363,15 +377,20 @@ class _Projection:
             mf, vf = model.factors.moments()
             self.mf, self.second = to_numpy(mf), to_numpy(mf**2 + vf)
             tau = to_numpy(model.loadings.prior_precision())
+            effects = model.covariate_effects
+            self.coef = None if effects is None else to_numpy(effects.mean)
         self.slope = lik.link.derivative(b)
         self.w = working_weights(lik, self.mu0, self.slope)
         self.tau = tau
         self.gram = (self.mf * self.w[:, None]).T @ self.mf + np.diag(tau)
 
-    def means(self, x, mask, s) -> np.ndarray:
-        """Ridge projection of the linearised rows ``x`` onto ``E[F]``: start of ``E[L]``."""
+    def means(self, x, mask, s, covariates=None) -> np.ndarray:
+        """Ridge projection of the linearised rows ``x`` (less their covariates' fitted
+        effects) onto ``E[F]``: start of ``E[L]``."""
         y = x if s is None else x / s[:, None]
         z = working_response(self.link, y, self.mu0, self.b, self.slope)
+        if self.coef is not None and covariates is not None:
+            z -= covariates @ self.coef.T
         if mask is not None:
             z = z * mask
         return np.linalg.solve(self.gram, ((z * self.w) @ self.mf).T).T
@@ -460,25 +479,27 @@ class Fit:
     elbo: float  # of the model returned, on the training data (pruned factors off)
 
 
-def fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
-    """Start, train, prune and rank a model of ``X`` (validated; see the estimator),
-    showing progress and log records as ``settings.verbose`` asks."""
+def fit_model(X, s, likelihood, settings: FitSettings, rng, start=None, covariates=None) -> Fit:
+    """Start, train, prune and rank a model of ``X`` (validated; see the estimator) with
+    known ``covariates`` (``(n, c)`` or None), showing progress and log records as
+    ``settings.verbose`` asks."""
     with showing_logs(settings.verbose):
-        return _fit_model(X, s, likelihood, settings, rng, start)
+        return _fit_model(X, s, likelihood, settings, rng, start, covariates)
 
 
-def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
+def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None, covariates=None) -> Fit:
     n, p = X.shape
     group = settings.group
-    model = new_model(n, p, likelihood, settings)
+    c = 0 if covariates is None else covariates.shape[1]
+    model = new_model(n, p, likelihood, settings, c)
     model.global_share = group.share
-    init, sub = compute_start(model, X, s, settings, rng, start)
-    apply_start(model, init, sub, X, s, settings, start)
+    init, sub = compute_start(model, X, s, settings, rng, start, covariates)
+    apply_start(model, init, sub, X, s, settings, start, covariates=covariates)
     # the ranks' starts agree (a given start's intercept is fitted to each rank's rows):
     # every rank takes rank 0's global parameters
     group.broadcast_(global_state(model).values())
     gen = settings.generator(rng.randint(2**31 - 1))
-    data = settings.batches(X, s, likelihood, seed=rng.randint(2**31 - 1))
+    data = settings.batches(X, s, likelihood, seed=rng.randint(2**31 - 1), covariates=covariates)
     rule = settings.rule()
     whole = paired_elbo(data, model, settings, subset=False)  # every row: the start's check
     shrink = 1.0
@@ -489,7 +510,7 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None) -> Fit:
         if shrink < START_SHRINK_LIMIT:
             raise RuntimeError(_not_finite(model, "at the start, even with L F^T shrunk"))
         logger.info("non-finite ELBO at the start: loadings shrunk by %g", shrink)
-        apply_start(model, init, sub, X, s, settings, start, shrink)
+        apply_start(model, init, sub, X, s, settings, start, shrink, covariates)
         group.broadcast_(global_state(model).values())
 
     def objective():
@@ -548,19 +569,20 @@ def _train_on_after_pruning(fit: Fit, objective, data, settings, monitor) -> np.
     return identity
 
 
-def fit_rows(state, X, s, likelihood, settings: FitSettings, rng):
-    """Fit ``q(L)`` of new rows with the factors, priors and nuisance held fixed.
+def fit_rows(state, X, s, likelihood, settings: FitSettings, rng, covariates=None):
+    """Fit ``q(L)`` of new rows (with their known ``covariates``) with the factors,
+    covariate effects, priors and nuisance held fixed.
 
     Returns ``(model, data, result)``.
     """
     model = build_model(state, X.shape[0], X.shape[1], likelihood, settings, rows=False)
-    start_rows(model, X, s, posterior=True)
+    start_rows(model, X, s, posterior=True, covariates=covariates)
     model.requires_grad_(False)
     # the new rows' own parameters: q(L) and any per-sample likelihood parameters
     for prm in model.row_parameters():
         prm.requires_grad_(True)
     gen = settings.generator(rng.randint(2**31 - 1))
-    data = settings.batches(X, s, likelihood, seed=rng.randint(2**31 - 1))
+    data = settings.batches(X, s, likelihood, seed=rng.randint(2**31 - 1), covariates=covariates)
     rule = settings.rule()
 
     def objective():
@@ -745,6 +767,12 @@ def fitted_attributes(model: SparseFactorModel) -> dict:
             out["intercept_prior_mean_"] = float(model.intercept.prior_mean)
             out["intercept_prior_scale_"] = float(model.intercept.prior_scale)
     out.update(model.likelihood.fitted_attributes())
+    if model.covariate_effects is not None:
+        with torch.no_grad():
+            moments = model.covariate_effects.moments()
+            out["covariate_coef_"] = to_numpy(moments.mean)
+            out["covariate_coef_sd_"] = to_numpy(moments.var.sqrt())
+            out["covariate_prior_scale_"] = to_numpy(model.covariate_effects.prior_scale)
     out["active_components_"] = model.factors.active.cpu().numpy() > 0
     out["n_effective_components_"] = int(out["active_components_"].sum())
     return out
@@ -803,7 +831,7 @@ def explained_variance_ratio(
     return explained / total
 
 
-def sample_data(model, s, n_draws: int, n_features: int, rng) -> np.ndarray:
+def sample_data(model, s, n_draws: int, n_features: int, rng, covariates=None) -> np.ndarray:
     """Posterior predictive data sets of the model's rows, ``(n_draws, n, p)``.
 
     Each draw takes ``L``, ``F`` and ``b`` jointly from ``q``, then data from
@@ -814,9 +842,12 @@ def sample_data(model, s, n_draws: int, n_features: int, rng) -> np.ndarray:
     gen.manual_seed(int(rng.randint(2**31 - 1)))
     data_rng = np.random.default_rng(rng.randint(2**31 - 1))
     out = np.empty((n_draws, n, n_features))
+    if covariates is not None:
+        covariates = torch.as_tensor(covariates, device=model.factors.active.device)
     with torch.no_grad():
         for d in range(n_draws):
-            mean = to_numpy(model.likelihood.mean(model.sample_eta(gen)))
+            eta = model.sample_eta(gen, covariates=covariates)
+            mean = to_numpy(model.likelihood.mean(eta))
             if s is not None:
                 mean = mean * s[:, None]
             out[d] = model.likelihood.sample(mean, data_rng)

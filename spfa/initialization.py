@@ -40,6 +40,10 @@ class Start:
     #: which yields ``(rows, point estimates, precisions)`` block by block
     loadings_rms: np.ndarray | None = None
     loading_blocks: Callable[[], Iterator[tuple[slice, np.ndarray, np.ndarray]]] | None = None
+    #: known covariates' effects ``B`` (``(p, c)``): the least-squares fit of the working
+    #: response on the covariates, which the SVD then does not see; their data precision
+    covariate_coef: np.ndarray | None = None
+    covariate_precision: np.ndarray | None = None
 
     def loadings_scale(self) -> np.ndarray:
         """What the loadings' family needs for its prior's start (``start_prior_``): the
@@ -81,6 +85,7 @@ def initialize(
     random_state: np.random.RandomState,
     start: tuple[np.ndarray, np.ndarray] | None = None,
     nonnegative: tuple[bool, bool] = (False, False),
+    covariates: np.ndarray | None = None,
 ) -> Start:
     """Starting values for the model and the likelihood's nuisance parameters.
 
@@ -104,6 +109,9 @@ def initialize(
     nonnegative : (bool, bool)
         Whether the family on ``L`` and on ``F`` is non-negative: each SVD
         component's sign is then chosen so that the positive parts dominate.
+    covariates : ndarray of shape (n, c), optional
+        Known covariates: their effects start at the least-squares fit of the
+        working response, which is taken out before the SVD.
     """
     n, p = x.shape
     link = likelihood.link
@@ -123,6 +131,11 @@ def initialize(
     w = working_weights(likelihood, mu0, slope) if likelihood.variance_from_mean else np.ones(p)
 
     z = obs * working_response(link, y, mu0, eta0, slope)
+    coef = coef_precision = None
+    if covariates is not None:
+        cov = np.asarray(covariates, dtype=np.float64)
+        coef = _covariate_fit(cov.T @ cov, cov.T @ z)
+        z -= obs * (cov @ coef.T)
     k = n_components
     if start is not None:
         l0, f0 = (np.asarray(a, dtype=float) for a in start)
@@ -145,12 +158,15 @@ def initialize(
             l0, f0 = l0 * sign, f0 * sign
 
     # residual variance on the data scale, for the Gaussian noise and NB dispersion
-    resid = obs * ((y - mu0) - (l0 @ f0.T) * slope)
+    fitted = l0 @ f0.T if coef is None else l0 @ f0.T + cov @ coef.T
+    resid = obs * ((y - mu0) - fitted * slope)
     feature_var = (resid**2).sum(0) / n_obs
     likelihood.initialize(feature_mean, feature_var)
     if not likelihood.variance_from_mean:
         # the free noise variance, now learned from the residual, weights the precisions
         w = working_weights(likelihood, mu0, slope)
+    if coef is not None:
+        coef_precision = w[:, None] * (obs.T @ cov**2)
 
     return Start(
         loadings=l0,
@@ -158,7 +174,16 @@ def initialize(
         loadings_precision=(w[None, :] * obs) @ (f0**2),
         factors_precision=w[:, None] * (obs.T @ (l0**2)),
         intercept=_intercept(eta0, w, obs.sum(0), likelihood.data_unit) if fit_intercept else None,
+        covariate_coef=coef,
+        covariate_precision=coef_precision,
     )
+
+
+def _covariate_fit(gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    """Least-squares effects ``B`` (``(p, c)``) from ``C^T C`` and ``C^T Z``: the
+    minimum-norm solution, so that collinear covariates (every level of a one-hot
+    batch beside the intercept) split an effect evenly rather than fail."""
+    return (np.linalg.pinv(gram, hermitian=True) @ cross).T
 
 
 def _orthonormal(a: np.ndarray) -> np.ndarray:
@@ -177,6 +202,7 @@ def initialize_streamed(
     n_power_iter: int = 2,
     oversample: int = 10,
     reduce: Callable | None = None,
+    covariates: np.ndarray | None = None,
 ) -> Start:
     """:func:`initialize` over blocks of rows, in memory ``O(block p + p w)``.
 
@@ -205,6 +231,10 @@ def initialize_streamed(
         of a data-parallel fit (:meth:`spfa.distributed.Group.sum`), whose ``blocks``
         are this rank's rows and ``n`` every rank's; ``random_state`` must then draw
         alike on every rank. None: the blocks are all the rows.
+    covariates : ndarray of shape (n, c), optional
+        Every row's known covariates (of this rank's rows, in the blocks' order): their
+        effects start at the least-squares fit of the working response (one more pass),
+        which every later pass takes out.
     """
     if reduce is None:
 
@@ -248,17 +278,39 @@ def initialize_streamed(
     w = working_weights(likelihood, mu0, slope) if likelihood.variance_from_mean else np.ones(p)
     root_w = np.sqrt(w)
 
-    def residual(x, mask, size):  # the weighted working residual of a block
+    cov = None if covariates is None else np.asarray(covariates, dtype=np.float64)
+    coef = coef_precision = None
+
+    def residual(x, mask, size, rows=None):  # the weighted working residual of a block
         z = working_response(link, x if size is None else x / size, mu0, eta0, slope)
+        if coef is not None:
+            z -= cov[rows] @ coef.T
         z *= root_w
         return z if mask is None else z * mask
+
+    if cov is not None:  # one pass: C^T C, C^T Z and each effect's observed C^2
+
+        def covariate_sums():
+            gram, cross, square = np.zeros((cov.shape[1],) * 2), np.zeros((cov.shape[1], p)), 0.0
+            for rows, x, mask, size in each():
+                c = cov[rows]
+                z = working_response(link, x if size is None else x / size, mu0, eta0, slope)
+                if mask is not None:
+                    z *= mask
+                gram += c.T @ c
+                cross += c.T @ z
+                square = square + ((c**2).sum(0)[None, :] if mask is None else mask.T @ c**2)
+            return reduce(gram, cross, np.broadcast_to(square, (p, cov.shape[1])).copy())
+
+        gram, cross, square = covariate_sums()
+        coef = _covariate_fit(gram, cross)
 
     # subspace iteration on A^T A; the last product also gives V^T A^T A V
     # (z accumulates in place through BLAS, so that no third p x w array is formed)
     def gram_times(v, z):  # z <- A^T A v
         z.fill(0.0)
-        for _, x, mask, size in each():
-            a = residual(x, mask, size)
+        for rows, x, mask, size in each():
+            a = residual(x, mask, size, rows)
             z = blas.dgemm(1.0, a, a @ v, beta=1.0, c=z, trans_a=True, overwrite_c=True)
         return reduce(z)
 
@@ -282,17 +334,19 @@ def initialize_streamed(
     with np.errstate(divide="ignore", invalid="ignore"):
         project = np.where(sv > 0, 1.0 / np.sqrt(sv * unit), 0.0) * right
 
-    def loadings(x, mask, size):
-        return residual(x, mask, size) @ project
+    def loadings(x, mask, size, rows=None):
+        return residual(x, mask, size, rows) @ project
 
     # last pass: residual variance on the data scale, the factors' precisions, and the
     # loadings' column norms (their sign and the prior's scale)
     def residual_sums():
         resid_ss, l0_sq = np.zeros(p), np.zeros((p, k))
         positive, negative = np.zeros(k), np.zeros(k)
-        for _, x, mask, size in each():
-            l0 = loadings(x, mask, size)
-            resid = l0 @ f0.T  # then (y - mu0) - L0 F0^T h'(eta0), in place
+        for rows, x, mask, size in each():
+            l0 = loadings(x, mask, size, rows)
+            resid = l0 @ f0.T  # then (y - mu0) - (L0 F0^T + C B0^T) h'(eta0), in place
+            if coef is not None:
+                resid += cov[rows] @ coef.T
             resid *= -slope
             resid += x if size is None else x / size
             resid -= mu0
@@ -319,6 +373,8 @@ def initialize_streamed(
     if not likelihood.variance_from_mean:
         w = working_weights(likelihood, mu0, slope)
     weighted = w[:, None] * f0**2
+    if coef is not None:
+        coef_precision = w[:, None] * square
 
     def loading_blocks():
         for rows, x, mask, size in each():
@@ -326,7 +382,7 @@ def initialize_streamed(
                 precision = np.repeat(weighted.sum(0)[None, :], x.shape[0], axis=0)
             else:
                 precision = mask @ weighted
-            yield rows, loadings(x, mask, size) * sign, precision
+            yield rows, loadings(x, mask, size, rows) * sign, precision
 
     return Start(
         loadings=None,
@@ -336,6 +392,8 @@ def initialize_streamed(
         intercept=_intercept(eta0, w, counts, unit) if fit_intercept else None,
         loadings_rms=np.sqrt(second),
         loading_blocks=loading_blocks,
+        covariate_coef=coef,
+        covariate_precision=coef_precision,
     )
 
 

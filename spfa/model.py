@@ -1,18 +1,21 @@
 """The torch module: variational posteriors on L and F, intercept, likelihood, ELBO.
 
-    x_ij | eta_ij ~ Lik(s_i h(eta_ij), theta_j),   eta = L F^T + 1 b^T
+    x_ij | eta_ij ~ Lik(s_i h(eta_ij), theta_j),   eta = L F^T + C B^T + 1 b^T
 
 with a prior family (:mod:`spfa.priors`) on ``L`` (``[n, k]``) and on ``F``
 (``[p, k]``) and,
 optionally, a per-feature intercept ``b_j ~ N(b0, 1/tau_b)`` whose prior is
-learned (so it shrinks to ``b0`` when the features share a baseline). Under
-the fully factorised ``q`` the linear predictor has moments (DESIGN.md)::
+learned (so it shrinks to ``b0`` when the features share a baseline), and
+effects ``B`` (``[p, c]``) of known covariates ``C`` (``[n, c]``, given with the
+data; :class:`spfa.priors.CovariateEffects`). Under the fully factorised ``q``
+the linear predictor has moments (DESIGN.md)::
 
-    E[eta] = E[L] E[F]^T + E[b]
-    V[eta] = (V[L] + E[L]^2) V[F]^T + V[L] (E[F]^2)^T + V[b]
+    E[eta] = E[L] E[F]^T + C E[B]^T + E[b]
+    V[eta] = (V[L] + E[L]^2) V[F]^T + V[L] (E[F]^2)^T + C^2 V[B]^T + V[b]
 
-and the ELBO is ``sum_ij E_q[log p(x_ij | eta_ij)] - KL_L - KL_F - KL_b`` over
-the observed entries.
+(the covariates enter as known loadings, of variance 0, whose factors are ``B``),
+and the ELBO is ``sum_ij E_q[log p(x_ij | eta_ij)] - KL_L - KL_F - KL_b`` over the
+observed entries, ``KL_b`` counting the intercept's and the covariate effects' KL.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from .expectation import Expectation
 from .likelihoods import Likelihood
 from .linear_predictor import LinearPredictor
-from .priors import NormalEffect, get_prior
+from .priors import CovariateEffects, NormalEffect, get_prior
 
 __all__ = ["ELBOTerms", "SparseFactorModel"]
 
@@ -40,7 +43,8 @@ class ELBOTerms:
     kl_l: torch.Tensor
     #: KL divergence of the factors' posterior from their prior
     kl_f: torch.Tensor
-    #: KL divergence of the intercept's posterior from its prior (0 without one)
+    #: KL divergence of the per-feature effects' posterior from their prior: the
+    #: intercept's and the covariate effects' (0 without either)
     kl_b: torch.Tensor
 
     @property
@@ -68,6 +72,8 @@ class SparseFactorModel(torch.nn.Module):
         normal prior; otherwise ``b = 0``.
     loadings_prior, factors_prior : str
         Names of the prior families of ``L`` and ``F`` (:data:`spfa.priors.PRIORS`).
+    n_covariates : int
+        ``c``: the number of known covariates whose effects ``B`` are learned (0: none).
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class SparseFactorModel(torch.nn.Module):
         fit_intercept: bool = True,
         loadings_prior: str = "point_normal",
         factors_prior: str = "point_normal",
+        n_covariates: int = 0,
     ):
         super().__init__()
         self.loadings = get_prior(loadings_prior)(n_samples, n_components)
@@ -86,6 +93,9 @@ class SparseFactorModel(torch.nn.Module):
         self.likelihood = likelihood
         self.fit_intercept = fit_intercept
         self.intercept = NormalEffect(n_features) if fit_intercept else None
+        self.covariate_effects = (
+            CovariateEffects(n_features, n_covariates) if n_covariates else None
+        )
         likelihood.initialize_rows(n_samples)
         self.sparse_rows = False
         self._fixed = None  # see fixed_globals
@@ -113,21 +123,41 @@ class SparseFactorModel(torch.nn.Module):
     def location_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters in ``eta``'s units: the factors' and the intercept's locations
         (the loadings are unitless)."""
-        sides = [self.factors] + ([self.intercept] if self.intercept is not None else [])
+        sides = [self.factors] + [
+            e for e in (self.intercept, self.covariate_effects) if e is not None
+        ]
         return [getattr(side, name) for side in sides for name in side.location_parameter_names]
 
-    def linear_predictor(self, rows: torch.Tensor | None = None) -> LinearPredictor:
+    def linear_predictor(
+        self, rows: torch.Tensor | None = None, covariates: torch.Tensor | None = None
+    ) -> LinearPredictor:
         """``eta`` on the grid of all features (of all samples, or of the samples
-        ``rows``) in factored form: its moments are not built until asked for."""
-        ml, vl = self.loadings.moments(rows, sparse=self.sparse_rows)
+        ``rows``, whose covariates are ``covariates``) in factored form: its moments
+        are not built until asked for."""
+        ml, vl = self._row_moments(rows, covariates)
         return LinearPredictor(ml, vl, *self._global_moments())
 
+    def _row_moments(self, rows, covariates) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loadings' moments, and the covariates as known loadings of variance 0
+        (zeros when none are given: the mean without the covariates' effect)."""
+        ml, vl = self.loadings.moments(rows, sparse=self.sparse_rows)
+        if self.covariate_effects is None:
+            return ml, vl
+        if covariates is None:
+            covariates = ml.new_zeros((ml.shape[0], self.covariate_effects.n_covariates))
+        covariates = covariates.to(ml.dtype)
+        return torch.cat([ml, covariates], 1), torch.cat([vl, torch.zeros_like(covariates)], 1)
+
     def _global_moments(self) -> tuple:
-        """``(mf, vf, mb, vb)``: the factors' and intercept's moments (None without an
-        intercept), cached inside :meth:`fixed_globals`."""
+        """``(mf, vf, mb, vb)``: the factors' moments, followed by the covariate effects'
+        columns, and the intercept's (None without one), cached inside
+        :meth:`fixed_globals`."""
         if self._fixed is not None:
             return self._fixed["moments"]
         mf, vf = self.factors.moments()
+        if self.covariate_effects is not None:
+            mc, vc = self.covariate_effects.moments()
+            mf, vf = torch.cat([mf, mc], 1), torch.cat([vf, vc], 1)
         mb = vb = None
         if self.intercept is not None:
             mb, vb = self.intercept.moments()
@@ -140,6 +170,8 @@ class SparseFactorModel(torch.nn.Module):
             return self._fixed["kl"]
         kl_f = self.factors.kl()
         kl_b = self.intercept.kl() if self.intercept is not None else kl_f.new_zeros(())
+        if self.covariate_effects is not None:
+            kl_b = kl_b + self.covariate_effects.kl()
         return kl_f, kl_b
 
     @contextlib.contextmanager
@@ -158,7 +190,10 @@ class SparseFactorModel(torch.nn.Module):
             self._fixed = None
 
     def eta_moments(
-        self, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+        self,
+        rows: torch.Tensor | None = None,
+        cols: torch.Tensor | None = None,
+        covariates: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of ``eta`` under ``q``.
 
@@ -168,10 +203,13 @@ class SparseFactorModel(torch.nn.Module):
             ``cols=None``: the grid ``[n, p]`` of all samples (or of the samples
             ``rows``); both given: the entries ``(rows[e], cols[e])``, ``[m]``,
             at a cost of ``m k`` rather than ``n p k``.
+        covariates : Tensor, optional
+            The covariates of those samples (``[n, c]``) or entries (``[m, c]``);
+            None: the mean without the covariates' effect.
         """
         if cols is None:
-            return self.linear_predictor(rows).moments()
-        ml, vl = self.loadings.moments(rows, sparse=self.sparse_rows)
+            return self.linear_predictor(rows, covariates).moments()
+        ml, vl = self._row_moments(rows, covariates)
         mf, vf, mb, vb = self._global_moments()
         mf, vf = mf[cols], vf[cols]
         mean = (ml * mf).sum(-1)
@@ -199,6 +237,7 @@ class SparseFactorModel(torch.nn.Module):
         batch: torch.Tensor | None = None,
         scale: float = 1.0,
         cache: dict | None = None,
+        covariates: torch.Tensor | None = None,
     ) -> ELBOTerms:
         """The ELBO's terms for data ``x``.
 
@@ -228,17 +267,21 @@ class SparseFactorModel(torch.nn.Module):
         cache : dict, optional
             Kept with the batch ``x`` between calls: where a likelihood keeps
             what depends on the data alone (e.g. ``sum lgamma(x + 1)``).
+        covariates : Tensor of shape (n, c), optional
+            The covariates of all samples (indexed by ``rows`` like ``log_s``).
         """
+        if covariates is not None and rows is not None:
+            covariates = covariates[rows]
         if log_s is not None and rows is not None:
             log_s = log_s[rows]
         if log_s is not None and cols is not None:
             log_s = log_s.squeeze(-1)
         total = None
         if cols is None:
-            eta = self.linear_predictor(rows)
+            eta = self.linear_predictor(rows, covariates)
             total = self.likelihood.grid_expected_log_prob(x, mask, eta, log_s, cache, rows)
         if total is None:
-            mean, var = eta.moments() if cols is None else self.eta_moments(rows, cols)
+            mean, var = eta.moments() if cols is None else self.eta_moments(rows, cols, covariates)
             ll = self.likelihood.expected_log_prob(
                 x, mean, var, log_s, expectation, generator, rows, cols
             )
@@ -255,8 +298,10 @@ class SparseFactorModel(torch.nn.Module):
         generator: torch.Generator | None = None,
         rows: torch.Tensor | None = None,
         row_generator: torch.Generator | None = None,
+        covariates: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One draw of ``eta = L F^T + b`` with ``L, F, b`` drawn jointly from ``q``.
+        """One draw of ``eta = L F^T + C B^T + b`` with ``L, F, B, b`` drawn jointly from
+        ``q``.
 
         Parameters
         ----------
@@ -268,14 +313,22 @@ class SparseFactorModel(torch.nn.Module):
         row_generator : torch.Generator, optional
             Draws the loadings, so that one seed of ``generator`` gives the
             same ``F`` and ``b`` to every block of rows.
+        covariates : Tensor of shape (len(rows) or n, c), optional
+            The samples' covariates (None: ``eta`` without their effect).
         """
         loadings = self.loadings.sample(row_generator or generator, rows)
         eta = loadings @ self.factors.sample(generator).T
         if self.intercept is not None:
             eta = eta + self.intercept.sample(generator)
+        if self.covariate_effects is not None:
+            effects = self.covariate_effects.sample(generator)
+            if covariates is not None:
+                eta = eta + covariates.to(eta.dtype) @ effects.T
         return eta
 
-    def fitted_mean(self, log_s: torch.Tensor | None = None) -> torch.Tensor:
+    def fitted_mean(
+        self, log_s: torch.Tensor | None = None, covariates: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Plug-in mean ``s h(E[eta])`` on the data scale, ``[n, p]``."""
-        mean, _ = self.eta_moments()
+        mean, _ = self.eta_moments(covariates=covariates)
         return self.likelihood.mean(mean, log_s)

@@ -9,7 +9,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Simulation", "simulate_point_normal", "simulate", "MATCHED_FIT"]
+__all__ = [
+    "Simulation",
+    "BatchSimulation",
+    "simulate_point_normal",
+    "simulate",
+    "simulate_batch_effect",
+    "MATCHED_FIT",
+]
 
 #: the seed notebook's design
 SANITY_PI0 = (0.1, 0.9, 0.99)
@@ -180,3 +187,50 @@ def simulate_parts(
     rate = np.logaddexp(0.0, loadings @ factors.T + b)
     x = rng.poisson(rate).astype(float)
     return Simulation(x, loadings, factors, rate, None, "poisson", b)
+
+
+@dataclass
+class BatchSimulation:
+    """Counts with a batch effect, and the truth behind them."""
+
+    x: np.ndarray  # (n, p) counts
+    batch: np.ndarray  # (n,) the batch of each sample, 0 .. n_batches - 1
+    covariates: np.ndarray  # (n, n_batches) one-hot batch
+    loadings: np.ndarray  # (n, k)
+    factors: np.ndarray  # (p, k)
+    batch_coef: np.ndarray  # (p, n_batches) each feature's shift in each batch
+    intercept: np.ndarray  # (p,)
+    mean: np.ndarray  # (n, p)
+
+
+def simulate_batch_effect(
+    *,
+    n=600,
+    p=300,
+    k=3,
+    n_batches=3,
+    pi0=0.7,
+    factor_pi0=0.8,
+    batch_sd=0.8,
+    baseline=-1.0,
+    seed=0,
+) -> BatchSimulation:
+    """Poisson counts ``x ~ Poisson(exp(L F^T + C B^T + b))`` with a batch effect.
+
+    Samples fall into ``n_batches`` batches at random (``C`` is the one-hot batch);
+    each feature is shifted by ``B_jc ~ N(0, batch_sd^2)`` in batch ``c``. ``L`` and
+    ``F`` are point-normal (probability ``pi0`` and ``factor_pi0`` of a zero, slab sd
+    1), the intercepts ``b_j ~ N(baseline, 0.5^2)``. A fit without the covariates
+    turns the batch into factors; only contrasts of ``B`` between batches are
+    identified beside an intercept.
+    """
+    rng = np.random.default_rng(seed)
+    loadings = rng.normal(size=(n, k)) * (rng.random((n, k)) >= pi0)
+    factors = rng.normal(size=(p, k)) * (rng.random((p, k)) >= factor_pi0)
+    batch = rng.integers(0, n_batches, size=n)
+    covariates = np.eye(n_batches)[batch]
+    coef = rng.normal(scale=batch_sd, size=(p, n_batches))
+    intercept = rng.normal(baseline, 0.5, size=p)
+    mean = np.exp(loadings @ factors.T + covariates @ coef.T + intercept)
+    x = rng.poisson(mean).astype(float)
+    return BatchSimulation(x, batch, covariates, loadings, factors, coef, intercept, mean)

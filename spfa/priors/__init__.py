@@ -8,6 +8,7 @@ family is one module and one line in :data:`PRIORS`.
 from __future__ import annotations
 
 from .base import Moments, PriorFamily
+from .covariate_effects import CovariateEffects
 from .normal_effect import NormalEffect, normal_kl
 from .normal_mixture import NormalMixture, NormalMixturePosterior
 from .point_exponential import PointExponential, PointExponentialPosterior
@@ -16,6 +17,7 @@ from .point_normal import PointNormal, PointNormalPosterior, point_normal_kl
 __all__ = [
     "PRIORS",
     "SIDES",
+    "CovariateEffects",
     "Moments",
     "PriorFamily",
     "PointNormal",
