@@ -273,7 +273,7 @@ def check_backed(estimator, X: BackedRows, *, reset: bool, likelihood) -> Backed
     X.round_counts = False
     square_sum, count, n_nan, stored = 0.0, 0, 0, 0
     integral = exact = True
-    n_nonzero = 0
+    n_nonzero = n_rounded_nonzero = 0
     for _, _, block in X.blocks(max(1, _CHUNK // p)):
         values = block.data if sp.issparse(block) else block
         block_sums = _value_sums(values, likelihood)
@@ -283,6 +283,7 @@ def check_backed(estimator, X: BackedRows, *, reset: bool, likelihood) -> Backed
         if likelihood.integer_support:
             integral = check_count_values(values, fractional="allow") and integral
             exact = exact and bool(np.all(observed == np.rint(observed)))
+            n_rounded_nonzero += int(np.count_nonzero(np.rint(observed)))
         n_nan += int(nan.sum())
         stored += values.size
         n_nonzero += int(np.count_nonzero(observed))
@@ -290,6 +291,8 @@ def check_backed(estimator, X: BackedRows, *, reset: bool, likelihood) -> Backed
     if not integral:
         _warn_non_integer(stacklevel=4)
     X.round_counts = bool(likelihood.integer_support and integral and not exact)
+    if X.round_counts:  # what the fit will read: a 1e-30 is a zero
+        n_nonzero = n_rounded_nonzero
     if stored == n * p and n_nan == stored:
         raise ValueError("X has no observed entries (every entry is NaN)")
     if not likelihood.observes_zeros and not n_nonzero:
@@ -418,7 +421,9 @@ def library_sizes(X) -> np.ndarray:
     return np.where(observed > 0, total * p / np.maximum(observed, 1), 0.0)
 
 
-def library_size_factors(X, reference: float | None = None) -> tuple[np.ndarray, float]:
+def library_size_factors(
+    X, reference: float | None = None, lib: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
     """Size factors from library sizes: ``s_i = max(library_i, 1/2) / reference``.
 
     Parameters
@@ -428,13 +433,15 @@ def library_size_factors(X, reference: float | None = None) -> tuple[np.ndarray,
     reference : float, optional
         The training rows' mean library size, so that new rows' factors are on the
         training scale; None: the mean library size of ``X``.
+    lib : ndarray of shape (n,), optional
+        ``library_sizes(X)`` where already known (rows on disk are read once less).
 
     Returns
     -------
     s : ndarray of shape (n,)
     reference : float
     """
-    lib = library_sizes(X)
+    lib = library_sizes(X) if lib is None else lib
     if reference is None:
         reference = float(lib.mean())
         if not reference > 0:

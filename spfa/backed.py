@@ -5,7 +5,9 @@
 disk: validation, library sizes, the start and every minibatch then read the
 rows they need, when they need them, and nothing of ``n x p`` size is ever held.
 What stays in memory is per row (``q(L)``: a few floats per row and factor, and
-the CSR row pointers: 8 bytes per row) or per feature.
+the CSR row pointers: 8 bytes per row) or per feature, and one batch. (A fit
+without ``batch_size`` reads all rows once into one dense block and keeps it, as
+an in-memory fit does: give ``batch_size`` to stream.)
 
 Sources:
 
@@ -60,6 +62,8 @@ class BackedRows:
     shape : (int, int)
         Rows and (kept) columns.
     format : {"csr", "dense"}
+    dtype : numpy dtype
+        The values' type on disk (``read`` returns float32 or float64).
     """
 
     def __init__(self, source, rows: slice | None = None, columns=None):
@@ -136,6 +140,7 @@ class BackedRows:
         edges = np.linspace(self._start, self._stop, size + 1).round().astype(int)
         out = BackedRows.__new__(BackedRows)
         out.__dict__.update(self.__dict__)
+        out._owner = None  # the file stays this object's to close
         out._start, out._stop = int(edges[rank]), int(edges[rank + 1])
         out.shape = (out._stop - out._start, self.shape[1])
         if self._indptr is not None:
@@ -182,9 +187,13 @@ class BackedRows:
             block = _floating(np.asarray(self._group[a:b]))
             if self.columns is not None:
                 block = block[:, self.columns]
-        if self.round_counts:
-            values = block.data if sp.issparse(block) else block
-            np.rint(values, out=values)
+        if self.round_counts:  # a new array: the source (which may be in memory) stays
+            if sp.issparse(block):
+                block = sp.csr_matrix(
+                    (np.rint(block.data), block.indices, block.indptr), block.shape
+                )
+            else:
+                block = np.rint(block)
         return block
 
     def read_rows(self, rows: np.ndarray):

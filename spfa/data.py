@@ -118,7 +118,7 @@ class RowBatches:
                 raise ValueError(f"cannot split {n} rows into {n_batches} batches")
             edges = np.linspace(0, n, int(n_batches) + 1).round().astype(int)
             self.bounds = list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
-            b = n if n_batches == 1 else 0
+            b = -(-n // int(n_batches))  # rows per batch (n for one batch)
         else:
             b = n if batch_size is None else min(int(batch_size), n)
             self.bounds = [(a, min(a + b, n)) for a in range(0, n, b)]

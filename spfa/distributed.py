@@ -135,6 +135,26 @@ class Group:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
+    def bounds(self, values) -> tuple[np.ndarray, np.ndarray]:
+        """The elementwise smallest and largest of ``values`` (numbers) over the ranks,
+        float64."""
+        values = np.asarray(values, dtype=np.float64)
+        if not self.parallel:
+            return values.copy(), values.copy()
+        high = torch.as_tensor(values, device=self.device).clone()
+        low = -high
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MAX)
+        return -low.cpu().numpy(), high.cpu().numpy()
+
+    def first(self, value: float) -> float:
+        """Rank 0's ``value`` (a number)."""
+        if not self.parallel:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, src=0)
+        return float(t.item())
+
     def all(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank."""
         return -self.max(-float(bool(flag))) > 0.5

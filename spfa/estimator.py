@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from ._validation import (
     check_start,
     clear_fitted,
     default_size_factors,
+    library_size_factors,
     library_sizes,
     resolve_device,
     warn_missing_size_factors,
@@ -41,16 +43,29 @@ __all__ = ["SparseFactorAnalysis"]
 MAX_LEARNING_RATE = 1e3
 
 
-def _check_ranks_agree(group, n_features: int, settings) -> None:
-    """A data-parallel fit's ranks must fit the same features with the same model."""
+def _check_ranks_agree(group, n_features: int, s, C, settings, structure: dict) -> None:
+    """A data-parallel fit's ranks must fit the same features with the same model, and
+    all give (or all not give) size factors and covariates: otherwise their collectives
+    would not line up. A ValueError on every rank naming the first disagreement."""
     if not group.parallel:
         return
-    for what, value in (("n_features", n_features), ("n_components", settings.n_components)):
-        low, high = -group.max(-value), group.max(value)
-        if low != high:
+    params = repr(sorted((k, repr(v)) for k, v in structure.items()))
+    checks = (
+        ("n_features", n_features),
+        ("n_components", settings.n_components),
+        ("batch_size", settings.batch_size or 0),
+        ("max_iter", settings.max_iter),
+        ("whether size_factors are given", int(s is not None)),
+        ("the number of covariates", 0 if C is None else C.shape[1]),
+        ("the model's parameters (likelihood, link, prior, ...)", zlib.crc32(params.encode())),
+    )
+    lows, highs = group.bounds([v for _, v in checks])
+    for (what, _), a, b in zip(checks, lows, highs, strict=True):
+        if a != b:
             raise ValueError(
-                f"the ranks of a data-parallel fit disagree on {what} ({low:g} to {high:g}); "
-                "every rank must fit the same features with the same parameters"
+                f"the ranks of a data-parallel fit disagree on {what}; every rank must fit "
+                "the same features with the same parameters, and give size_factors and "
+                "covariates alike"
             )
 
 
@@ -172,7 +187,13 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     rank's rows. Every rank must call ``fit`` with the same parameters and
     features; ``random_state`` is taken from rank 0, ``log_dir`` is written by
     rank 0 only, library sizes are scaled by every rank's mean, and ``batch_size``
-    gives every rank the number of batches the largest rank needs.
+    gives every rank the number of batches the largest rank needs. Each rank
+    validates its own rows (at least two, with the checks of one process); a
+    rank's bad input, or ranks that disagree on the features, the parameters or
+    whether they give ``size_factors`` and ``covariates``, is a ``ValueError`` on
+    every rank. On GPUs (nccl) each process must first select its own device
+    (``torch.cuda.set_device(local_rank)``) and pass ``device="cuda"``. A Ctrl-C
+    reaches each process on its own: under ``torchrun`` the launcher stops them all.
     ``transform``, ``score`` and the rest work on the rows they are given, in
     this process.
 
@@ -283,31 +304,39 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             group=group,
         )
 
-    def _data(self, X, size_factors, *, reset, likelihood, group=SINGLE):
-        """Validated ``X`` (dense with NaN, or CSR: never densified) and size factors:
-        given, or from library sizes (a fit's own, new rows' on the training scale; a
-        data-parallel fit's against every rank's mean, each rank validating its own
-        rows and every rank raising if any does)."""
+    def _fit_data(self, X, size_factors, covariates, likelihood, settings):
+        """What ``fit`` fits: validated ``X`` (dense with NaN, CSR or rows on disk: never
+        densified), size factors (given, or from library sizes) and covariates. Across
+        the ranks of a data-parallel fit each rank validates its own rows, every rank
+        raises if any does, the ranks must agree on what they fit, and library sizes are
+        scaled by every rank's mean."""
+        group = settings.group
 
         def validated():
-            X_ = check_data(self, X, reset=reset, likelihood=likelihood)
-            return X_, check_size_factors(size_factors, X_.shape[0], likelihood)
+            X_ = check_data(self, X, reset=True, likelihood=likelihood)
+            s_ = check_size_factors(size_factors, X_.shape[0], likelihood)
+            return X_, s_, check_covariates(covariates, X_.shape[0])
 
-        X, s = group.agree(validated)
-        if reset:
-            reference = None
-            if group.parallel and s is None and self.library_size and likelihood.positive_mean:
-                total, rows = group.sum(library_sizes(X).sum(), X.shape[0])
-                reference = float(total / rows)
-                if not reference > 0:
-                    raise ValueError(
-                        "every row of every rank's X is empty, so library sizes cannot "
-                        "scale the mean"
-                    )
-            s, self.library_size_mean_ = default_size_factors(
-                X, s, likelihood, self.library_size, reference
-            )
-            return X, s
+        X, s, C = group.agree(validated)
+        _check_ranks_agree(group, X.shape[1], s, C, settings, self._structure())
+        library = s is None and self.library_size and likelihood.positive_mean
+        if group.parallel and library:  # against every rank's mean
+            lib = library_sizes(X)
+            total, rows = group.sum(lib.sum(), X.shape[0])
+            if not total > 0:
+                raise ValueError(
+                    "every row of every rank's X is empty, so library sizes cannot scale the mean"
+                )
+            self.library_size_mean_ = float(total / rows)
+            return X, library_size_factors(X, self.library_size_mean_, lib)[0], C
+        s, self.library_size_mean_ = default_size_factors(X, s, likelihood, self.library_size)
+        return X, s, C
+
+    def _data(self, X, size_factors, *, likelihood):
+        """New rows: validated ``X`` and size factors (given, or from library sizes on the
+        training scale)."""
+        X = check_data(self, X, reset=False, likelihood=likelihood)
+        s = check_size_factors(size_factors, X.shape[0], likelihood)
         mean = getattr(self, "library_size_mean_", None)  # None in files saved before it
         warn_missing_size_factors(self.training_size_factors_, s, mean is not None)
         return X, default_size_factors(X, s, likelihood, mean is not None, mean)[0]
@@ -384,15 +413,13 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         settings = self._settings(group=group)
         likelihood = self._make_likelihood()
         clear_fitted(self)  # a refit (e.g. with another prior) leaves nothing stale
-        X, s = self._data(X, size_factors, reset=True, likelihood=likelihood, group=group)
-        _check_ranks_agree(group, X.shape[1], settings)
+        X, s, C = self._fit_data(X, size_factors, covariates, likelihood, settings)
         n_rows = int(group.sum(X.shape[0]))  # every rank's
         start = group.agree(
             lambda: check_start(
                 init_loadings, init_factors, *X.shape, settings.n_components, n_total=n_rows
             )
         )
-        C = group.agree(lambda: check_covariates(covariates, X.shape[0]))
         self.device_ = settings.device
         rng = check_random_state(self.random_state)
         if group.parallel:  # every rank draws the start's and the fit's randomness alike
@@ -423,7 +450,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     def _fit_rows(self, X, size_factors, covariates=None):
         self._check_fitted()
         likelihood = self._make_likelihood()
-        X, s = self._data(X, size_factors, reset=False, likelihood=likelihood)
+        X, s = self._data(X, size_factors, likelihood=likelihood)
         C = check_covariates(covariates, X.shape[0], getattr(self, "n_covariates_", 0))
         settings = self._settings(self.device_)
         rng = check_random_state(self.random_state)

@@ -498,7 +498,10 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None, covaria
     # the ranks' starts agree (a given start's intercept is fitted to each rank's rows):
     # every rank takes rank 0's global parameters
     group.broadcast_(global_state(model).values())
-    gen = settings.generator(rng.randint(2**31 - 1))
+    # and the optimiser's units, which a given start sets from each rank's rows
+    likelihood.data_unit = group.first(likelihood.data_unit)
+    # Monte Carlo draws of their own on each rank (rank 0's are one process's)
+    gen = settings.generator(rng.randint(2**31 - 1) + group.rank)
     data = settings.batches(X, s, likelihood, seed=rng.randint(2**31 - 1), covariates=covariates)
     rule = settings.rule()
     whole = paired_elbo(data, model, settings, subset=False)  # every row: the start's check

@@ -166,3 +166,22 @@ def test_a_minibatch_fit_reads_one_batch_at_a_time(tmp_path, monkeypatch, likeli
 
 def _fitted_mean(est):
     return est.inverse_transform(est.loadings_) * est.training_size_factors_[:, None]
+
+
+def test_batches_of_a_fixed_number_read_runs_of_rows(tmp_path, monkeypatch):
+    """The ranks of a data-parallel fit split their rows into a given number of batches:
+    each is still read as a few runs of consecutive rows, not row by row."""
+    rows = BackedRows.open(_write_group(tmp_path / "g.h5", _counts(n=400)))
+    calls = []
+    original = BackedRows.read
+
+    def spy(self, start, stop):
+        calls.append(stop - start)
+        return original(self, start, stop)
+
+    monkeypatch.setattr(BackedRows, "read", spy)
+    data = RowBatches(rows, None, None, entries=False, device="cpu", seed=0, n_batches=8)
+    batch = data.batch(3)
+    assert len(batch.rows) == 50
+    assert len(calls) <= 8 + 1  # RUNS_PER_BATCH runs, one maybe cut by the batch's edge
+    np.testing.assert_array_equal(batch.x.numpy(), _counts(n=400)[batch.rows.numpy()].toarray())

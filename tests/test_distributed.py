@@ -264,3 +264,37 @@ def test_uneven_shares_step_through_the_same_number_of_batches():
     r0, r1 = run_on_ranks(_uneven, 2, 5)
     assert "fewer than the 10 batches" in r0
     assert "another rank" in r1
+
+
+def _given_start_at_other_scales():
+    group = current_group()
+    rng = np.random.default_rng(group.rank)
+    x = rng.normal(size=(60, 12)) * (1.0 if group.rank == 0 else 30.0)  # other units
+    start = (rng.normal(size=(60, 2)), np.random.default_rng(9).normal(size=(12, 2)))
+    est = SparseFactorAnalysis(2, likelihood="gaussian", max_iter=3, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est.fit(x, init_loadings=start[0], init_factors=start[1])
+    return est.components_
+
+
+def test_a_given_start_leaves_the_ranks_identical():
+    # the Gaussian's optimiser units come from the start's data: rank 0's on every rank
+    r0, r1 = run_on_ranks(_given_start_at_other_scales, 2)
+    np.testing.assert_array_equal(r0, r1)
+
+
+def _size_factors_on_rank_0_only():
+    group = current_group()
+    x = np.random.default_rng(group.rank).poisson(1.0, size=(30, 10)).astype(float)
+    s = np.ones(30) if group.rank == 0 else None
+    try:
+        SparseFactorAnalysis(2, max_iter=5).fit(x, size_factors=s)
+    except ValueError as err:
+        return str(err)
+    return "fitted"
+
+
+def test_ranks_must_give_size_factors_alike():
+    for msg in run_on_ranks(_size_factors_on_rank_0_only, 2):
+        assert "disagree on whether size_factors are given" in msg
