@@ -3,17 +3,21 @@
 :func:`fit` fits :class:`~spfa.SparseFactorAnalysis` to ``adata.X`` (or a layer),
 on all genes or those of ``mask_var``, and writes, with ``key_added="spfa"``:
 
-==============================  ==========  =============================================
-``adata.obsm["X_spfa"]``        ``(n, k)``  posterior mean loadings ``E[L]`` of the cells
-``adata.varm["spfa_factors"]``  ``(p, k)``  posterior mean factors ``E[F]`` (zero rows
-                                            for genes outside ``mask_var``)
-``adata.varm["spfa_pip"]``      ``(p, k)``  posterior inclusion probabilities of ``F``
-``adata.var["spfa_intercept"]`` ``(p,)``    the genes' intercepts ``E[b]`` (NaN outside)
-``adata.uns["spfa"]``           dict        ``params``, ``elbo`` (the curve, one value per
-                                            record), ``elbo_contribution`` and ``active``
-                                            per factor, ``n_effective_components``,
-                                            ``layer``, ``mask_var``
-==============================  ==========  =============================================
+=================================  ==========  ==========================================
+``adata.obsm["X_spfa"]``           ``(n, k)``  posterior mean loadings ``E[L]`` of the cells
+``adata.varm["spfa_factors"]``     ``(p, k)``  posterior mean factors ``E[F]`` (zero rows
+                                               for genes outside ``mask_var``)
+``adata.varm["spfa_pip"]``         ``(p, k)``  posterior inclusion probabilities of ``F``
+``adata.var["spfa_intercept"]``    ``(p,)``    the genes' intercepts ``E[b]`` (NaN outside)
+``adata.varm["spfa_covariates"]``  ``(p, c)``  the covariates' effects ``E[B]`` (with
+                                               ``covariates=``; zero rows outside)
+``adata.uns["spfa"]``              dict        ``params``, ``elbo`` (the curve, one value
+                                               per record), ``elbo_contribution`` and
+                                               ``active`` per factor,
+                                               ``n_effective_components``, ``layer``,
+                                               ``mask_var``, ``covariates`` (the design's
+                                               column names)
+=================================  ==========  ==========================================
 
 Factors keep the estimator's order: by ELBO contribution, pruned ones last
 (``uns["spfa"]["active"]`` is False for them). A backed AnnData (``backed="r"``)
@@ -21,8 +25,12 @@ stays on disk: its ``X`` is read as :class:`spfa.backed.BackedRows`, a block of 
 at a time (with ``batch_size``, one minibatch per step), never whole.
 
 Size factors are the estimator's default unless given: each cell's total count over
-the fitted genes, over the mean. New cells (:func:`transform`) are matched to the
-fitted genes by name, so their AnnData may hold other genes, in any order.
+the fitted genes, over the mean. ``covariates=["batch", ...]`` names columns of
+``adata.obs`` (:func:`covariate_design`): a categorical, text or boolean column is
+one-hot encoded over its levels (design columns ``"batch=A"``, ...), a numeric one
+enters as it is; the factors then describe the variation beyond them. New cells
+(:func:`transform`) are matched to the fitted genes by name, so their AnnData may hold
+other genes, in any order.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from .backed import BackedRows, is_backed
 from .estimator import SparseFactorAnalysis
 from .io import read_rows
 
-__all__ = ["counts", "fit", "layer_matrix", "transform"]
+__all__ = ["counts", "covariate_design", "fit", "layer_matrix", "transform"]
 
 
 def layer_matrix(adata, layer=None):
@@ -86,6 +94,64 @@ def _size_factors(adata, size_factors):
     return size_factors
 
 
+def covariate_design(adata, columns, *, names=None) -> tuple[np.ndarray, list[str]]:
+    """The ``adata.obs`` columns ``columns`` as a numeric design ``(n_obs, c)``.
+
+    A categorical, text or boolean column becomes one indicator per level (named
+    ``"column=level"``); a numeric column enters as it is (named ``"column"``).
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+    columns : str or list of str
+        Columns of ``adata.obs``.
+    names : list of str, optional
+        The design column names of a fit (its ``covariate_names_``): new cells are
+        encoded over the fit's levels, and a level the fit never saw is a ValueError.
+
+    Returns
+    -------
+    design : ndarray of shape (n_obs, c)
+    names : list of str
+    """
+    import pandas as pd  # a dependency of anndata
+
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    if not columns:
+        raise ValueError("covariates names no adata.obs column")
+    blocks, out = [], []
+    for column in columns:
+        if column not in adata.obs.columns:
+            raise ValueError(
+                f"covariate {column!r} is not a column of adata.obs (its columns: "
+                f"{list(adata.obs.columns)})"
+            )
+        series = adata.obs[column]
+        if series.isna().any():
+            raise ValueError(f"adata.obs[{column!r}] has missing values")
+        numeric = pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
+        if numeric:
+            blocks.append(series.to_numpy(dtype=np.float64)[:, None])
+            out.append(column)
+            continue
+        values = series.astype(str).to_numpy()
+        if names is None:
+            cat = series.astype("category").cat.categories
+            levels = [str(level) for level in cat]
+        else:
+            prefix = f"{column}="
+            levels = [name[len(prefix) :] for name in names if name.startswith(prefix)]
+            unseen = sorted(set(values) - set(levels))
+            if unseen:
+                raise ValueError(
+                    f"adata.obs[{column!r}] has levels the fit never saw: {unseen[:5]}; "
+                    f"the fit's levels are {levels}"
+                )
+        blocks.append((values[:, None] == np.asarray(levels, dtype=object)[None, :]).astype(float))
+        out.extend(f"{column}={level}" for level in levels)
+    return np.hstack(blocks), out
+
+
 def _json_safe(params: dict) -> dict:
     """The estimator's parameters as AnnData can write them: None dropped, others as text."""
     out = {}
@@ -132,6 +198,7 @@ def fit(
     layer: str | None = None,
     mask_var=None,
     size_factors=None,
+    covariates=None,
     key_added: str = "spfa",
     verbose=True,
     **params,
@@ -151,6 +218,9 @@ def fit(
     size_factors : ndarray of shape (n_obs,) or str, optional
         Per-cell size factors, or a column of ``adata.obs`` holding them; None:
         library sizes over the fitted genes (the estimator's default).
+    covariates : str or list of str, optional
+        Columns of ``adata.obs`` whose effects the model learns beside the factors
+        (:func:`covariate_design`), e.g. ``"batch"``.
     key_added : str, default="spfa"
         Write ``obsm[f"X_{key_added}"]``, ``varm[f"{key_added}_factors"]``,
         ``varm[f"{key_added}_pip"]``, ``var[f"{key_added}_intercept"]`` and
@@ -166,9 +236,17 @@ def fit(
         The fitted estimator; its ``feature_names_in_`` are the fitted genes' names.
     """
     X, mask = counts(adata, layer=layer, mask_var=mask_var)
+    design, names = (None, []) if covariates is None else covariate_design(adata, covariates)
     estimator = SparseFactorAnalysis(n_components=n_components, verbose=verbose, **params)
-    estimator.fit(X, size_factors=_size_factors(adata, size_factors))
+    estimator.fit(X, size_factors=_size_factors(adata, size_factors), covariates=design)
     estimator.feature_names_in_ = np.asarray(adata.var_names[mask], dtype=object)
+    if design is not None:
+        columns = [covariates] if isinstance(covariates, str) else list(covariates)
+        estimator.covariate_columns_ = np.asarray(columns, dtype=object)
+        estimator.covariate_names_ = np.asarray(names, dtype=object)
+        effects = np.zeros((adata.n_vars, len(names)))
+        effects[mask] = estimator.covariate_coef_
+        adata.varm[f"{key_added}_covariates"] = effects
 
     k = estimator.n_components
     factors = np.zeros((adata.n_vars, k))
@@ -188,6 +266,7 @@ def fit(
         "n_effective_components": int(estimator.n_effective_components_),
         "layer": "X" if layer is None else layer,
         "mask_var": mask_var if isinstance(mask_var, str) else ("" if mask_var is None else "mask"),
+        "covariates": list(names),
     }
     return estimator
 
@@ -212,6 +291,15 @@ def _columns(adata, estimator) -> np.ndarray:
     return index
 
 
+def _design_of(adata, estimator):
+    """New cells' covariates for a fit by :func:`fit` (None for a fit without)."""
+    columns = getattr(estimator, "covariate_columns_", None)
+    if columns is None:
+        return None
+    names = [str(name) for name in estimator.covariate_names_]
+    return covariate_design(adata, [str(c) for c in columns], names=names)[0]
+
+
 def transform(
     adata,
     estimator: SparseFactorAnalysis,
@@ -231,6 +319,8 @@ def transform(
         Fitted (by :func:`fit`, or on arrays with the same genes in the same order).
     layer, size_factors, key_added :
         As in :func:`fit`; size factors default to library sizes on the training scale.
+        The covariates of a fit with them are read from the same ``adata.obs``
+        columns, encoded over the fit's levels.
 
     Returns
     -------
@@ -243,6 +333,10 @@ def transform(
     with warnings.catch_warnings():
         # the genes were matched by name above; the array itself carries none
         warnings.filterwarnings("ignore", message="X does not have valid feature names")
-        loadings = estimator.transform(X, size_factors=_size_factors(adata, size_factors))
+        loadings = estimator.transform(
+            X,
+            size_factors=_size_factors(adata, size_factors),
+            covariates=_design_of(adata, estimator),
+        )
     adata.obsm[f"X_{key_added}"] = loadings
     return loadings

@@ -154,3 +154,40 @@ def test_written_file_round_trips(tmp_path):
 def test_spfa_itself_does_not_import_anndata():
     code = "import sys, spfa; assert 'anndata' not in sys.modules, 'anndata imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_obs_columns_as_covariates_one_hot_and_numeric():
+    adata = counts()
+    adata.obs["depth"] = np.linspace(-1.0, 1.0, adata.n_obs)
+    mask = adata.var["hv"].to_numpy()
+    est = spfa_anndata.fit(adata, 2, mask_var="hv", covariates=["group", "depth"], **PARAMS)
+    assert list(est.covariate_names_) == ["group=a", "group=b", "depth"]
+    assert adata.uns["spfa"]["covariates"] == ["group=a", "group=b", "depth"]
+    C = est.training_covariates_
+    np.testing.assert_array_equal(C[:, 0], adata.obs["group"].to_numpy() == "a")
+    np.testing.assert_array_equal(C[:, 2], adata.obs["depth"].to_numpy())
+    effects = adata.varm["spfa_covariates"]
+    np.testing.assert_array_equal(effects[mask], est.covariate_coef_)
+    assert np.all(effects[~mask] == 0)
+    # new cells: encoded over the fit's levels, from the same obs columns
+    new = counts(n=30, seed=1)
+    new.obs["depth"] = 0.5
+    new.obs["group"] = "b"  # one level only: still the fit's two columns
+    loadings = spfa_anndata.transform(new, est)
+    C_new, _ = spfa_anndata.covariate_design(new, ["group", "depth"], names=est.covariate_names_)
+    assert C_new.shape == (30, 3) and np.all(C_new[:, 1] == 1) and np.all(C_new[:, 0] == 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="X does not have valid feature names")
+        direct = est.transform(new[:, est.feature_names_in_].X, covariates=C_new)
+    np.testing.assert_allclose(loadings, direct, rtol=1e-5, atol=1e-6)
+    new.obs["group"] = "z"
+    with pytest.raises(ValueError, match="levels the fit never saw"):
+        spfa_anndata.transform(new, est)
+
+
+@pytest.mark.parametrize(
+    "covariates, match", [("nope", "not a column of adata.obs"), ([], "names no adata.obs")]
+)
+def test_bad_covariate_columns(covariates, match):
+    with pytest.raises(ValueError, match=match):
+        spfa_anndata.fit(counts(), 2, covariates=covariates, **PARAMS)
