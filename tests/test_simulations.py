@@ -152,3 +152,13 @@ def test_best_rank_svd_error_picks_the_rank_closest_to_the_truth():
         approx = (u[:, :r] * sv[:r]) @ vt[:r]
         assert err <= np.linalg.norm(approx - truth) / np.linalg.norm(truth)
     assert sanity_checks.best_rank_svd_error(truth, truth)[0] < 1e-12
+
+
+def test_batch_effect_smoke(tmp_path, capsys):
+    from simulations import batch_effect
+
+    rows = batch_effect.main(["--n-reps", "1", "--out", str(tmp_path)])
+    assert rows[0]["plain_max_batch_corr"] > 0.4 > 0.2 > rows[0]["aware_max_batch_corr"]
+    assert rows[0]["batch_coef_corr"] >= 0.9
+    assert (tmp_path / "batch_effect.png").stat().st_size > 0
+    assert "batch effects recovered" in capsys.readouterr().out
