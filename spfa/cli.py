@@ -88,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--output", "-o", required=True, help="an .h5ad file to write")
     _data_options(fit)
     _estimator_options(fit)
+    fit.add_argument(
+        "--covariates",
+        nargs="+",
+        default=None,
+        metavar="COLUMN",
+        help="columns of obs whose effects are fitted beside the factors (e.g. batch; "
+        "categories are one-hot encoded)",
+    )
     fit.add_argument("--save-model", default=None, metavar="PATH", help="save the fitted model")
     fit.add_argument("--log-dir", default=None, help="write a TensorBoard run here")
     fit.add_argument("--quiet", "-q", action="store_true", help="no progress bar or log lines")
@@ -211,6 +219,7 @@ def _fit(args) -> None:
         args.n_components,
         layer=args.layer,
         mask_var=mask,
+        covariates=args.covariates,
         verbose=0 if args.quiet else 1,
         log_dir=args.log_dir,
         **_params(args),

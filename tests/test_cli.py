@@ -213,3 +213,25 @@ def test_python_dash_m_runs_the_command_line():
         [sys.executable, "-m", "spfa", "--version"], capture_output=True, text=True, check=True
     )
     assert done.stdout.startswith("spfa ")
+
+
+def test_fit_with_obs_covariates_and_transform_new_cells(tmp_path, capsys):
+    X, cells, genes = _counts()
+    adata = ad.AnnData(X=sp.csr_matrix(X))
+    adata.obs_names, adata.var_names = cells, genes
+    adata.obs["batch"] = np.where(np.arange(60) % 3 == 0, "run1", "run2")
+    path, out, model = tmp_path / "in.h5ad", tmp_path / "out.h5ad", tmp_path / "model.pt"
+    adata.write_h5ad(path)
+    argv = ["fit", path, "-k", "2", "-o", out, "--covariates", "batch"]
+    code, _, err = run([*argv, "--save-model", model, "--quiet", *FAST], capsys)
+    assert code == 0, err
+    result = ad.read_h5ad(out)
+    assert result.varm["spfa_covariates"].shape == (30, 2)
+    assert list(result.uns["spfa"]["covariates"]) == ["batch=run1", "batch=run2"]
+    # the saved model reads new cells' covariates from the same obs column
+    new = tmp_path / "new.h5ad"
+    adata[:10].write_h5ad(new)
+    code, _, err = run(["transform", model, new, "-o", tmp_path / "t.h5ad", "--quiet"], capsys)
+    assert code == 0, err
+    code, _, err = run(["fit", path, "-k", "2", "-o", out, "--covariates", "nope", "-q"], capsys)
+    assert code != 0 and "not a column of adata.obs" in err

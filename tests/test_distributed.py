@@ -298,3 +298,28 @@ def _size_factors_on_rank_0_only():
 def test_ranks_must_give_size_factors_alike():
     for msg in run_on_ranks(_size_factors_on_rank_0_only, 2):
         assert "disagree on whether size_factors are given" in msg
+
+
+def _fit_share_with_covariates():
+    from spfa.simulate import simulate_batch_effect
+
+    group = current_group()
+    sim = simulate_batch_effect(n=400, p=150, seed=1)
+    rows = np.array_split(np.arange(400), group.size)[group.rank]
+    est = SparseFactorAnalysis(4, random_state=0, max_iter=300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est.fit(sim.x[rows], covariates=sim.covariates[rows])
+    return est.components_, est.covariate_coef_
+
+
+def test_covariate_effects_are_shared_by_the_ranks():
+    from spfa.simulate import simulate_batch_effect
+
+    (c0, b0), (c1, b1) = run_on_ranks(_fit_share_with_covariates, 2, timeout=300)
+    np.testing.assert_array_equal(c0, c1)
+    np.testing.assert_array_equal(b0, b1)
+    sim = simulate_batch_effect(n=400, p=150, seed=1)
+    planted = sim.batch_coef - sim.batch_coef.mean(1, keepdims=True)
+    fitted = b0 - b0.mean(1, keepdims=True)
+    assert np.corrcoef(planted.ravel(), fitted.ravel())[0, 1] >= 0.9
