@@ -178,7 +178,8 @@ def heldout_log_likelihood(
         Size factors of ``X`` (for thinned counts, the training ones times
         ``fraction / (1 - fraction)``); None: the fit's training size factors.
     n_draws : int, default=100
-        Joint draws of ``L, F, b`` from ``q``.
+        Joint draws of ``L, F, b`` (and covariate effects ``B``, at the training rows'
+        covariates) from ``q``.
     random_state : int, default=0
 
     Returns
@@ -214,6 +215,10 @@ def heldout_log_likelihood(
     if s is None:  # the rows are the training rows
         s = estimator.training_size_factors_
     device = estimator.device_
+    # a fit with covariates: the training rows' own (the rows are the training rows)
+    covariates = getattr(estimator, "training_covariates_", None)
+    if covariates is not None:
+        covariates = torch.as_tensor(covariates, dtype=torch.float32, device=device)
 
     def generator(seed: int) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(int(seed))
@@ -245,6 +250,7 @@ def heldout_log_likelihood(
             global_seeds,
             row_gen,
             generator,
+            None if covariates is None else covariates[a:e],
         )
         mask = torch.as_tensor(scored, device=device)
         total += float(density[mask].sum())
@@ -254,15 +260,18 @@ def heldout_log_likelihood(
     return total / count
 
 
-def _log_predictive(model, x, log_s, rows, global_seeds, row_gen, make_generator):
-    """``log (1/S) sum_s p(x | eta^(s))`` for the block of rows ``rows``, float64."""
+def _log_predictive(model, x, log_s, rows, global_seeds, row_gen, make_generator, covariates=None):
+    """``log (1/S) sum_s p(x | eta^(s))`` for the block of rows ``rows`` (with their
+    ``covariates``), float64."""
     device = x.device
     if log_s is not None:
         log_s = torch.as_tensor(log_s[:, None], dtype=torch.float32, device=device)
     running = None
     with torch.no_grad():
         for seed in global_seeds:
-            eta = model.sample_eta(make_generator(int(seed)), rows=rows, row_generator=row_gen)
+            eta = model.sample_eta(
+                make_generator(int(seed)), rows=rows, row_generator=row_gen, covariates=covariates
+            )
             lp = model.likelihood.log_prob(x, eta, log_s, rows).double()
             running = lp if running is None else torch.logaddexp(running, lp)
     return running - math.log(len(global_seeds))
@@ -275,6 +284,7 @@ def heldout_score(
     method="mask",
     fraction=0.1,
     size_factors=None,
+    covariates=None,
     n_draws=100,
     random_state=0,
 ):
@@ -289,6 +299,8 @@ def heldout_score(
         Hold out random entries, or binomially thinned counts (count likelihoods).
     fraction : float in (0, 1), default=0.1
     size_factors : array-like of shape (n_samples,), default=None
+    covariates : array-like of shape (n_samples, c), default=None
+        Known covariates of the rows (see ``SparseFactorAnalysis.fit``).
     n_draws : int, default=100
         Posterior draws for the predictive density.
     random_state : int, default=0
@@ -312,7 +324,7 @@ def heldout_score(
     s = None if size_factors is None else np.asarray(size_factors, dtype=np.float64)
     if method == "mask":
         x_train, heldout = mask_entries(X, fraction, random_state)
-        fitted.fit(x_train, size_factors=s)
+        fitted.fit(x_train, size_factors=s, covariates=covariates)
         score = heldout_log_likelihood(
             fitted,
             X,
@@ -323,7 +335,7 @@ def heldout_score(
         )
     else:
         x_train, x_test = thin_counts(X, fraction, random_state)
-        fitted.fit(x_train, size_factors=s)
+        fitted.fit(x_train, size_factors=s, covariates=covariates)
         base = fitted.training_size_factors_  # given, or the training half's libraries
         base = np.ones(x_test.shape[0]) if base is None else base
         score = heldout_log_likelihood(

@@ -178,3 +178,15 @@ def test_minibatches_of_sparse_rows_and_a_saved_fit_take_covariates(sim, tmp_pat
     np.testing.assert_allclose(
         back.transform(x, covariates=C), est.transform(x, covariates=C), rtol=1e-5, atol=1e-6
     )
+
+
+def test_heldout_scores_count_the_covariates(sim):
+    from spfa.heldout import heldout_score
+
+    est = SparseFactorAnalysis(4, random_state=0, max_iter=300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        aware, _ = heldout_score(est, sim.x, method="thin", covariates=sim.covariates, n_draws=20)
+        plain, _ = heldout_score(est, sim.x, method="thin", n_draws=20)
+    # the same k with the batch in the model predicts held-out counts better
+    assert aware > plain
