@@ -136,6 +136,11 @@ def worker(args) -> None:
         dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
+    # skip the interpreter's teardown, where gloo's worker threads can abort a process
+    # that has done its work (pytorch/pytorch#179291)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(args) -> dict:
