@@ -49,6 +49,7 @@ def choose_k(
     method="thin",
     fraction=0.5,
     size_factors=None,
+    covariates=None,
     tolerance=0.1,
     n_draws=100,
     random_state=0,
@@ -68,6 +69,8 @@ def choose_k(
     fraction : float in (0, 1), default=0.5
         Share held out.
     size_factors : array-like of shape (n_samples,), default=None
+    covariates : array-like of shape (n_samples, c), default=None
+        Known covariates of the rows, fitted beside the factors at every ``k``.
     tolerance : float in [0, 1), default=0.1
         The choice is the smallest ``k`` whose score is at least
         ``best - tolerance * (best - score of the smallest k)``.
@@ -95,6 +98,7 @@ def choose_k(
             method=method,
             fraction=fraction,
             size_factors=size_factors,
+            covariates=covariates,
             n_draws=n_draws,
             random_state=random_state,
         )

@@ -190,3 +190,23 @@ def test_heldout_scores_count_the_covariates(sim):
         plain, _ = heldout_score(est, sim.x, method="thin", n_draws=20)
     # the same k with the batch in the model predicts held-out counts better
     assert aware > plain
+
+
+def test_choose_k_fits_the_covariates_at_every_k(sim, monkeypatch):
+    import spfa.model_selection as model_selection
+
+    seen = []
+    original = model_selection.heldout_score
+
+    def spy(*args, **kw):
+        seen.append(kw.get("covariates"))
+        return original(*args, **kw)
+
+    monkeypatch.setattr(model_selection, "heldout_score", spy)
+    est = SparseFactorAnalysis(random_state=0, max_iter=100, tol=1e-3)
+    x, C = sim.x[:200, :100], sim.covariates[:200]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        choice = model_selection.choose_k(est, x, [1, 3], covariates=C, n_draws=5)
+    assert len(seen) == 2 and all(c is C for c in seen)
+    assert choice.k in (1, 3)
