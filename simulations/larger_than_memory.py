@@ -29,6 +29,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -113,12 +114,12 @@ def fit(path: Path, batch_size: int, max_iter: int, in_memory: bool = False) -> 
     est = SparseFactorAnalysis(
         K, batch_size=batch_size, max_iter=max_iter, random_state=0, **MATCHED_FIT
     )
-    import warnings
-
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        est.fit(adata, size_factors=s)
+        # in memory: the estimator takes the matrix (an AnnData in memory goes through
+        # spfa.anndata); backed: the AnnData itself, read by rows
+        est.fit(adata.X if in_memory else adata, size_factors=s)
     seconds = time.perf_counter() - t0
     rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, 2000, replace=False))
     fitted = est.inverse_transform(est.loadings_[rows]) * s[rows, None]

@@ -106,6 +106,8 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
+    from spfa.testing.distributed import leave_group_and_exit
+
     dist.init_process_group(args.backend)
     rank, size = dist.get_rank(), dist.get_world_size()
     if args.backend == "nccl":
@@ -134,13 +136,10 @@ def worker(args) -> None:
                 peak_rss_mib=_peak_rss_mib(),
             )
         dist.barrier()  # no rank tears the group down while another still uses it
-    finally:
+    except BaseException:
         dist.destroy_process_group()
-    # skip the interpreter's teardown, where gloo's worker threads can abort a process
-    # that has done its work (pytorch/pytorch#179291)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        raise
+    leave_group_and_exit()
 
 
 def run(args) -> dict:

@@ -209,6 +209,10 @@ class RowBatches:
             x[local, cols] = values
         else:
             x = self._dense[a:e]
+        return self._grid_batch(x, rows)
+
+    def _grid_batch(self, x: torch.Tensor, rows) -> Batch:
+        """A dense batch, its missing (NaN) entries masked and set to 0."""
         mask = None
         if self.has_missing:
             nan = torch.isnan(x)
@@ -243,12 +247,7 @@ class RowBatches:
             ] = self._float(values)
         else:
             x = self._float(block)
-        mask = None
-        if self.has_missing:
-            nan = torch.isnan(x)
-            mask = (~nan).to(x.dtype)
-            x = torch.where(nan, torch.zeros_like(x), x)
-        return Batch(x, mask, rows)
+        return self._grid_batch(x, rows)
 
     def _local_rows(self, a: int, e: int) -> torch.Tensor:
         """Row (within rows ``a:e``) of each stored entry of those rows, ``[nnz]``."""

@@ -96,9 +96,12 @@ class Group:
             size = g.numel()
             p.grad = flat[offset : offset + size].view_as(p).clone()
             offset += size
-        for p, count in zip(params, flat[offset:].tolist(), strict=True):
-            if count == 0:
-                p.grad = None
+        # a parameter can lack a gradient on every rank only if it lacks one here: the
+        # counts are read back (a host sync) only then, not at every step
+        if not bool(had.all()):
+            for p, count in zip(params, flat[offset:].tolist(), strict=True):
+                if count == 0:
+                    p.grad = None
 
     def broadcast_(self, tensors) -> None:
         """Overwrite ``tensors`` with rank 0's, in place."""
@@ -180,12 +183,8 @@ class Group:
         return out
 
     def seed(self, value: int) -> int:
-        """Rank 0's ``value`` (an integer seed), so that every rank draws alike."""
-        if not self.parallel:
-            return int(value)
-        t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
-        dist.broadcast(t, src=0)
-        return int(t.item())
+        """Rank 0's ``value`` (an integer seed below 2^53), so that every rank draws alike."""
+        return int(self.first(int(value)))
 
 
 def _dense_grad(p: torch.Tensor) -> torch.Tensor:
