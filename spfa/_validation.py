@@ -210,6 +210,8 @@ def check_data(estimator, X, *, reset: bool, likelihood):
         :class:`~spfa.backed.BackedRows`, checked block by block (:func:`check_backed`).
     """
     if is_backed(X):
+        if getattr(likelihood, "views", None) is not None:
+            raise ValueError("a multi-view fit takes X in memory, not rows on disk")
         return check_backed(estimator, as_backed_rows(X), reset=reset, likelihood=likelihood)
     X = validate_data(
         estimator,
@@ -234,6 +236,9 @@ def check_data(estimator, X, *, reset: bool, likelihood):
     check_values(values, likelihood)
     if likelihood.integer_support:
         X = _as_counts(X)
+        values = X.data if sp.issparse(X) else X
+    if getattr(likelihood, "views", None) is not None:
+        X = _check_view_counts(X, likelihood)
         values = X.data if sp.issparse(X) else X
     everything_stored = not sp.issparse(X) or X.nnz == X.shape[0] * X.shape[1]
     if everything_stored and _all_nan(values):
@@ -301,6 +306,37 @@ def check_backed(estimator, X: BackedRows, *, reset: bool, likelihood) -> Backed
         )
     X.n_missing = n_nan
     X.n_nonzero = n_nonzero
+    return X
+
+
+def _check_view_counts(X, likelihood):
+    """A multi-view likelihood's count views: the count checks (:func:`check_count_values`)
+    on their features' values, and their near-integers rounded (a copy where any is)."""
+    views = likelihood.views
+    if views.n_features != X.shape[1]:
+        raise ValueError(
+            f"feature_groups has {views.n_features} entries but X has {X.shape[1]} features: "
+            "give one view name per feature"
+        )
+    counting = np.array([lik.integer_support for lik in likelihood.parts])[views.of]  # (p,)
+    if not counting.any():
+        return X
+    if sp.issparse(X):
+        at = counting[X.indices]
+        values = X.data[at]
+    else:
+        X = np.asarray(X)
+        values = X[:, counting]
+    if not check_count_values(values):
+        return X
+    rounded = np.rint(values)
+    if np.array_equal(rounded, values, equal_nan=True):
+        return X
+    X = X.copy()
+    if sp.issparse(X):
+        X.data[at] = rounded
+    else:
+        X[:, counting] = rounded
     return X
 
 
@@ -402,10 +438,23 @@ def check_size_factors(size_factors, n_samples: int, likelihood=None) -> np.ndar
 EMPTY_ROW_COUNT = 0.5
 
 
-def library_sizes(X) -> np.ndarray:
+def scaled_features(likelihood) -> np.ndarray | None:
+    """The features whose mean size factors scale, as a boolean ``(p,)`` mask: a
+    multi-view likelihood's count views' (its library sizes are theirs); None: all."""
+    views = getattr(likelihood, "views", None)
+    if views is None:
+        return None
+    return np.array([lik.positive_mean for lik in likelihood.parts])[views.of]
+
+
+def library_sizes(X, features: np.ndarray | None = None) -> np.ndarray:
     """Row totals of ``X`` (validated: dense with NaN, CSR, or rows on disk), ``(n,)``; a
     row with missing entries is scaled up by ``p / observed`` (its total at the observed
-    rate)."""
+    rate). ``features``: a boolean ``(p,)`` mask of the features to total (all: None)."""
+    if features is not None:
+        if isinstance(X, BackedRows):
+            raise ValueError("a multi-view fit takes X in memory, not rows on disk")
+        X = X[:, np.flatnonzero(features)]
     if isinstance(X, BackedRows):
         blocks = X.blocks(max(1, _CHUNK // X.shape[1]))
         return np.concatenate([np.zeros(0)] + [library_sizes(b) for _, _, b in blocks])
@@ -455,7 +504,7 @@ def default_size_factors(X, s, likelihood, library_size: bool, reference=None):
     otherwise None. Returns ``(s, reference or None)``."""
     if s is not None or not library_size or not likelihood.positive_mean:
         return s, None
-    return library_size_factors(X, reference)
+    return library_size_factors(X, reference, library_sizes(X, scaled_features(likelihood)))
 
 
 def resolve_device(device) -> torch.device:

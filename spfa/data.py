@@ -281,12 +281,16 @@ class RowBatches:
         partition (a random subset of rows), their rows' terms scaled to all rows."""
         used = range(self.n_batches if n_batches is None else n_batches)
         err = kl_l = 0.0
+        by_view = None
         for i in used:
             terms = self.batch(i).terms(
                 model, self.log_s, expectation, generator, 1.0, self.covariates
             )
             err, kl_l = err + terms.err, kl_l + terms.kl_l
+            if terms.err_by_view is not None:
+                by_view = terms.err_by_view + (0.0 if by_view is None else by_view)
         seen = sum(self.bounds[i][1] - self.bounds[i][0] for i in used)
         scale = self.shape[0] / seen
+        by_view = None if by_view is None else scale * by_view
         # the factors' and intercept's KL do not depend on the batch: counted once
-        return ELBOTerms(scale * err, scale * kl_l, terms.kl_f, terms.kl_b)
+        return ELBOTerms(scale * err, scale * kl_l, terms.kl_f, terms.kl_b, by_view)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 import zlib
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -26,11 +27,12 @@ from ._validation import (
     library_size_factors,
     library_sizes,
     resolve_device,
+    scaled_features,
     warn_missing_size_factors,
 )
 from .distributed import SINGLE, current_group
 from .expectation import get_expectation
-from .likelihoods import get_likelihood
+from .likelihoods import get_likelihood, view_likelihood
 from .persistence import load_estimator, save_estimator
 from .posterior import Posterior, top_features
 from .priors import resolve_priors
@@ -278,8 +280,24 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                 "them; refit, or set them back"
             )
 
-    def _make_likelihood(self):
-        return get_likelihood(self.likelihood, self.link)
+    def _make_likelihood(self, feature_groups=None):
+        """The likelihood; for a likelihood per view (a dict), over the views of
+        ``feature_groups`` (in ``fit``) or of the fitted ``feature_groups_``."""
+        if not isinstance(self.likelihood, Mapping):
+            if feature_groups is not None:
+                raise ValueError(
+                    "feature_groups names each feature's view: give likelihood as a dict "
+                    "{view: likelihood} for a multi-view fit"
+                )
+            return get_likelihood(self.likelihood, self.link)
+        if feature_groups is None:
+            feature_groups = getattr(self, "feature_groups_", None)
+        if feature_groups is None:
+            raise ValueError(
+                "a likelihood per view (a dict) needs fit(X, feature_groups=g), g naming "
+                "each feature's view"
+            )
+        return view_likelihood(self.likelihood, self.link, feature_groups)
 
     def _settings(self, device=None, group=SINGLE) -> fitting.FitSettings:
         get_expectation(self.expectation, 1)  # ValueError for an unknown rule
@@ -321,7 +339,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         _check_ranks_agree(group, X.shape[1], s, C, settings, self._structure())
         library = s is None and self.library_size and likelihood.positive_mean
         if group.parallel and library:  # against every rank's mean
-            lib = library_sizes(X)
+            lib = library_sizes(X, scaled_features(likelihood))
             total, rows = group.sum(lib.sum(), X.shape[0])
             if not total > 0:
                 raise ValueError(
@@ -349,6 +367,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         *,
         size_factors=None,
         covariates=None,
+        feature_groups=None,
         init_loadings=None,
         init_factors=None,
     ):
@@ -367,6 +386,13 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             ``eta = L F^T + C B^T + b`` with per-feature effects ``B`` (``(p, c)``, a
             normal prior per covariate, learned: ``covariate_coef_``), so that the
             factors describe the variation beyond them. New rows then need theirs.
+        feature_groups : array-like of str, shape (n_features,), default=None
+            Each feature's view, for a likelihood per view (``likelihood`` a dict
+            ``{view: likelihood}``): every view has its own likelihood, link and
+            nuisance parameters, the loadings are shared, and each factor's prior on the
+            factors is learned per view (``factors_prior_pi_`` is ``(k, n_views)``), so
+            that a factor can be active in one view and absent in another
+            (``view_elbo_contribution_``).
         init_loadings, init_factors : array-like of shape (n_samples | n_features, n_components)
             Starting posterior means of ``L`` and ``F`` in place of spfa's own
             (a weighted SVD); give both or neither.
@@ -377,7 +403,9 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         """
         previous = dict(vars(self))
         try:
-            fit = self._fit(X, size_factors, covariates, init_loadings, init_factors)
+            fit = self._fit(
+                X, size_factors, covariates, init_loadings, init_factors, feature_groups
+            )
             if fit.result.interrupted and not fit.result.history["elbo"]:
                 raise KeyboardInterrupt(
                     f"SparseFactorAnalysis.fit {fit.result.message}: no window was completed, "
@@ -408,10 +436,12 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             )
         return self
 
-    def _fit(self, X, size_factors, covariates, init_loadings, init_factors) -> fitting.Fit:
+    def _fit(
+        self, X, size_factors, covariates, init_loadings, init_factors, feature_groups=None
+    ) -> fitting.Fit:
         group = current_group()
         settings = self._settings(group=group)
-        likelihood = self._make_likelihood()
+        likelihood = self._make_likelihood(feature_groups)
         clear_fitted(self)  # a refit (e.g. with another prior) leaves nothing stale
         X, s, C = self._fit_data(X, size_factors, covariates, likelihood, settings)
         n_rows = int(group.sum(X.shape[0]))  # every rank's

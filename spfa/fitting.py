@@ -460,11 +460,16 @@ def _step_groups(model, params) -> list[dict]:
     log_scale = [p for p in params if names.get(id(p)) in LOG_SCALE_NAMES]
     units = [p for p in params if id(p) in located and names.get(id(p)) not in LOG_SCALE_NAMES]
     rest = [p for p in params if names.get(id(p)) not in LOG_SCALE_NAMES and id(p) not in located]
-    return [
-        {"params": rest},
-        {"params": log_scale, "lr_scale": LOG_SCALE_STEP},
-        {"params": units, "lr_scale": float(model.likelihood.data_unit)},
-    ]
+    groups = [{"params": rest}, {"params": log_scale, "lr_scale": LOG_SCALE_STEP}]
+    views = getattr(model.likelihood, "views", None)
+    if views is not None:  # each view's factors step in that view's units
+        for part, lik in zip(model.factors.parts, model.likelihood.parts, strict=True):
+            own = {id(p) for p in part.location_parameters()}
+            groups.append(
+                {"params": [p for p in units if id(p) in own], "lr_scale": float(lik.data_unit)}
+            )
+            units = [p for p in units if id(p) not in own]
+    return groups + [{"params": units, "lr_scale": float(model.likelihood.data_unit)}]
 
 
 @dataclass
@@ -477,6 +482,8 @@ class Fit:
     order: np.ndarray  # (k,) new factor i was factor order[i] in training
     prior_history: dict
     elbo: float  # of the model returned, on the training data (pruned factors off)
+    #: (n_views, k) each view's share of ``contribution`` (multi-view fits; None otherwise)
+    view_contribution: np.ndarray | None = None
 
 
 def fit_model(X, s, likelihood, settings: FitSettings, rng, start=None, covariates=None) -> Fit:
@@ -529,6 +536,8 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None, covaria
         again = _train_on_after_pruning(fit, objective, data, settings, monitor)
     finally:
         monitor.close()
+    if getattr(likelihood, "views", None) is not None:
+        fit.view_contribution = view_contribution(model, paired_elbo(data, model, settings))
     # per-window priors were recorded in the order of their phase; report them in the final one
     for key, windows in monitor.prior_history.items():
         if key != "step":
@@ -648,9 +657,14 @@ def paired_elbo(data: RowBatches, model, settings: FitSettings, subset: bool = T
     evaluated = n_evaluated * used / data.n_batches
     rule = settings.rule(max(1, min(N_SCORE_SAMPLES, int(PRUNE_BUDGET // evaluated))))
 
-    def elbo() -> float:
+    def elbo(by_view: bool = False):
+        """The ELBO; ``by_view``: a multi-view fit's per view, ``(n_views,)``, each
+        view's expected log-likelihood less its factors' KL."""
         with torch.no_grad():
             terms = data.total_terms(model, rule, settings.generator(0), used)
+            if by_view:
+                kl = model.factors.kl_by_view() * model.global_share
+                return np.asarray(group.sum(to_numpy(terms.err_by_view - kl)), dtype=float)
         return float(group.sum(float(terms.elbo)))
 
     return elbo
@@ -727,6 +741,22 @@ def prune_and_rank(
     return contribution[order], order, best
 
 
+def view_contribution(model: SparseFactorModel, elbo) -> np.ndarray:
+    """A multi-view fit's ELBO contribution of each kept factor in each view,
+    ``(n_views, k)``: what the view's expected log-likelihood less its factors' KL loses
+    without the factor (paired draws, as in :func:`prune_and_rank`); 0 for a pruned
+    factor. A factor that lives in one view contributes little to the others. The
+    views' contributions add up to ``elbo_contribution_`` less the factor's loadings' KL,
+    which the views share."""
+    base = elbo(by_view=True)
+    out = np.zeros((base.size, model.factors.k))
+    for k in np.flatnonzero(model.factors.active.cpu().numpy() > 0):
+        _switch(model, k, False)
+        out[:, k] = base - elbo(by_view=True)
+        _switch(model, k, True)
+    return out
+
+
 def orient_(model: SparseFactorModel) -> None:
     """The sign convention: each factor's entry of largest ``|E[F]|`` is positive.
 
@@ -789,6 +819,11 @@ def fit_attributes(fit: Fit, X, group: Group = SINGLE) -> dict:
     out = fitted_attributes(fit.model)
     out["state_dict_"] = {k: v.detach().cpu().clone() for k, v in fit.model.state_dict().items()}
     out["elbo_contribution_"] = fit.contribution
+    views = getattr(fit.model.likelihood, "views", None)
+    if views is not None:
+        out["view_elbo_contribution_"] = fit.view_contribution
+        out["view_names_"] = np.asarray(views.names, dtype=str)
+        out["feature_groups_"] = views.groups
     out["n_iter_"] = fit.result.n_iter
     out["n_rollbacks_"] = fit.result.n_rollbacks
     out["history_"] = {**fit.result.history, **fit.prior_history}

@@ -400,12 +400,10 @@ def initialize_streamed(
 def _baseline(link, feature_mean, sum_s, fit_intercept: bool, p: int):
     """The intercept-only fit ``eta0`` and ``h(eta0)``, ``h'(eta0)``, ``(p,)`` each."""
     if fit_intercept:
-        if link.positive:
-            # half a count over the feature keeps h^{-1} finite for all-zero features
-            floor = 0.5 / np.maximum(sum_s, 1.0)
-            eta0 = link.inverse(np.maximum(feature_mean, floor))
-        else:
-            eta0 = link.inverse(feature_mean)
+        # half a count over the feature keeps h^{-1} finite for all-zero features (under
+        # a positive link: each view's own, in a multi-view fit)
+        floor = np.where(link.positive_at(p), 0.5 / np.maximum(sum_s, 1.0), -np.inf)
+        eta0 = link.inverse(np.maximum(feature_mean, floor))
     else:
         eta0 = np.zeros(p)
     mu0 = link(torch.as_tensor(eta0, dtype=torch.float64)).numpy()
@@ -447,7 +445,9 @@ def working_response(link, y, mu0, eta0, slope) -> np.ndarray:
         return z
     try:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            exact = link.inverse(y[rows, cols]) - np.broadcast_to(eta0, y.shape)[rows, cols]
+            exact = (
+                link.inverse_at(y[rows, cols], cols) - np.broadcast_to(eta0, y.shape)[rows, cols]
+            )
     except ValueError:  # data outside a bounded link's range: the tangent alone
         return z
     ok = np.isfinite(exact)

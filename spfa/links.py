@@ -43,6 +43,14 @@ class Link:
         """``h'(eta)`` in numpy, used by the initial linearisation."""
         raise NotImplementedError
 
+    def positive_at(self, p: int) -> np.ndarray:
+        """Whether the mean is positive at each of ``p`` features (one link: all alike)."""
+        return np.full(p, self.positive)
+
+    def inverse_at(self, y: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``h^{-1}`` of values ``y`` at features ``cols`` (one link: of ``y`` alone)."""
+        return self.inverse(y)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

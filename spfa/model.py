@@ -28,7 +28,7 @@ import torch
 from .expectation import Expectation
 from .likelihoods import Likelihood
 from .linear_predictor import LinearPredictor
-from .priors import CovariateEffects, NormalEffect, get_prior
+from .priors import CovariateEffects, NormalEffect, ViewFamily, get_prior
 
 __all__ = ["ELBOTerms", "SparseFactorModel"]
 
@@ -46,6 +46,8 @@ class ELBOTerms:
     #: KL divergence of the per-feature effects' posterior from their prior: the
     #: intercept's and the covariate effects' (0 without either)
     kl_b: torch.Tensor
+    #: a multi-view fit's ``err`` split by view, ``[n_views]`` (None otherwise)
+    err_by_view: torch.Tensor | None = None
 
     @property
     def elbo(self) -> torch.Tensor:
@@ -89,7 +91,11 @@ class SparseFactorModel(torch.nn.Module):
     ):
         super().__init__()
         self.loadings = get_prior(loadings_prior)(n_samples, n_components)
-        self.factors = get_prior(factors_prior)(n_features, n_components)
+        views = getattr(likelihood, "views", None)  # a multi-view likelihood's features
+        if views is None:
+            self.factors = get_prior(factors_prior)(n_features, n_components)
+        else:  # a prior per view and factor
+            self.factors = ViewFamily(get_prior(factors_prior), views, n_components)
         self.likelihood = likelihood
         self.fit_intercept = fit_intercept
         self.intercept = NormalEffect(n_features) if fit_intercept else None
@@ -123,10 +129,9 @@ class SparseFactorModel(torch.nn.Module):
     def location_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters in ``eta``'s units: the factors' and the intercept's locations
         (the loadings are unitless)."""
-        sides = [self.factors] + [
-            e for e in (self.intercept, self.covariate_effects) if e is not None
-        ]
-        return [getattr(side, name) for side in sides for name in side.location_parameter_names]
+        effects = [e for e in (self.intercept, self.covariate_effects) if e is not None]
+        own = [getattr(e, name) for e in effects for name in e.location_parameter_names]
+        return self.factors.location_parameters() + own
 
     def linear_predictor(
         self, rows: torch.Tensor | None = None, covariates: torch.Tensor | None = None
@@ -222,7 +227,7 @@ class SparseFactorModel(torch.nn.Module):
     def intercept_mean(self) -> torch.Tensor:
         """``E[b]``, ``[p]`` (zeros without an intercept)."""
         if self.intercept is None:
-            return self.factors.mean.new_zeros(self.factors.mean.shape[0])
+            return self.factors.active.new_zeros(self.factors.m)
         return self.intercept.mean
 
     def elbo_terms(
@@ -276,7 +281,7 @@ class SparseFactorModel(torch.nn.Module):
             log_s = log_s[rows]
         if log_s is not None and cols is not None:
             log_s = log_s.squeeze(-1)
-        total = None
+        total = by_view = None
         if cols is None:
             eta = self.linear_predictor(rows, covariates)
             total = self.likelihood.grid_expected_log_prob(x, mask, eta, log_s, cache, rows)
@@ -285,12 +290,19 @@ class SparseFactorModel(torch.nn.Module):
             ll = self.likelihood.expected_log_prob(
                 x, mean, var, log_s, expectation, generator, rows, cols
             )
-            total = (ll if mask is None else ll * mask).sum()
+            ll = ll if mask is None else ll * mask
+            views = getattr(self.likelihood, "views", None)
+            if views is None:
+                total = ll.sum()
+            else:  # summed per view as well, for each view's share of the ELBO
+                by_view = _sum_by_view(ll, views, cols)
+                total = by_view.sum()
         kl_l = self.loadings.kl(batch, sparse=self.sparse_rows)
         kl_f, kl_b = self._global_kl()
         if self.global_share != 1.0:
             kl_f, kl_b = self.global_share * kl_f, self.global_share * kl_b
-        return ELBOTerms(scale * total, scale * kl_l, kl_f, kl_b)
+        by_view = None if by_view is None else scale * by_view
+        return ELBOTerms(scale * total, scale * kl_l, kl_f, kl_b, by_view)
 
     @torch.no_grad()
     def sample_eta(
@@ -332,3 +344,12 @@ class SparseFactorModel(torch.nn.Module):
         """Plug-in mean ``s h(E[eta])`` on the data scale, ``[n, p]``."""
         mean, _ = self.eta_moments(covariates=covariates)
         return self.likelihood.mean(mean, log_s)
+
+
+def _sum_by_view(ll: torch.Tensor, views, cols: torch.Tensor | None) -> torch.Tensor:
+    """The sums of the entries' terms ``ll`` (a grid ``[n, p]``, or entries ``[m]`` at
+    features ``cols``) over each view's features, ``[n_views]``."""
+    of = views.tensors(ll.device)["of"]
+    per = ll.sum(0) if cols is None else ll
+    at = of if cols is None else of[cols]
+    return per.new_zeros(views.n_views).index_add(0, at, per)

@@ -42,7 +42,10 @@ _STATE = "state_dict_"
 def _encode_params(estimator) -> dict:
     params = estimator.get_params(deep=False)
     for name in ("likelihood", "link"):
-        if not isinstance(params[name], str):
+        value = params[name]
+        if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+            continue  # one registered name per view
+        if not isinstance(value, str):
             raise ValueError(
                 f"cannot save an estimator whose {name} is a {type(params[name]).__name__} "
                 "instance: only registered names are stored (a custom class would have to be "
@@ -215,7 +218,9 @@ def _build(cls, payload, path, device):
     estimator = cls(**params)
     try:
         estimator._settings(target)  # every parameter in range, as fit would check
-        estimator._make_likelihood()
+        views = isinstance(params["likelihood"], dict) and isinstance(meta, dict)
+        groups = meta.get("feature_groups_", {}) if views else {}
+        estimator._make_likelihood(groups.get("strings"))  # a view fit: over its views
     except ValueError as err:
         raise ValueError(f"{path}: invalid parameters ({err})") from err
     arrays, state = payload["arrays"], payload["state"]

@@ -34,6 +34,10 @@ _BISECTION_STEPS = 60
 class Posterior:
     """Base class of the posterior summaries of an ``(m, k)`` matrix (float64 numpy)."""
 
+    #: the names of the constructor's arrays, each with the matrix's rows first (so that
+    #: summaries of row blocks can be stacked: :class:`spfa.priors.ViewFamily`)
+    fields: tuple[str, ...] = ()
+
     @property
     def shape(self) -> tuple[int, ...]:
         return self.mean.shape

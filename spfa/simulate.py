@@ -234,3 +234,76 @@ def simulate_batch_effect(
     mean = np.exp(loadings @ factors.T + covariates @ coef.T + intercept)
     x = rng.poisson(mean).astype(float)
     return BatchSimulation(x, batch, covariates, loadings, factors, coef, intercept, mean)
+
+
+@dataclass
+class ViewSimulation:
+    """Two or more views of the same samples (:func:`simulate_views`)."""
+
+    x: np.ndarray  # (n, p): the views' features side by side
+    feature_groups: np.ndarray  # (p,) each feature's view
+    activity: np.ndarray  # (n_views, k) bool: where each factor lives
+    loadings: np.ndarray  # (n, k)
+    factors: np.ndarray  # (p, k)
+    intercept: np.ndarray  # (p,)
+    mean: np.ndarray  # (n, p) each view's E[x]
+
+
+def simulate_views(
+    *,
+    n=400,
+    views=(("rna", "poisson", 300), ("adt", "gaussian", 50)),
+    activity=((1, 1, 1, 0, 0), (1, 0, 0, 1, 1)),
+    pi0=0.3,
+    factor_pi0=0.6,
+    slab_sd=(0.7, 1.0),
+    noise_sd=1.0,
+    seed=0,
+) -> ViewSimulation:
+    """Views measured on the same samples, with shared and view-specific factors.
+
+    ``eta = L F^T + b`` over all features, ``L`` point-normal (probability ``pi0`` of
+    a zero, slab sd 1). Factor ``t`` has entries in view ``v`` only where
+    ``activity[v][t]``: point-normal there (probability ``factor_pi0`` of a zero, slab
+    sd ``slab_sd[v]``), zero elsewhere. A ``"poisson"`` view draws ``x ~
+    Poisson(softplus(eta))`` with ``b_j ~ N(1, 0.5^2)`` (MOFA+'s Poisson rate, so that
+    both models are right); a ``"gaussian"`` view ``x ~ N(eta, noise_sd^2)`` with
+    ``b_j ~ N(0, 1)``.
+
+    Parameters
+    ----------
+    views : sequence of (name, likelihood, n_features)
+    activity : array-like of shape (n_views, k), 0/1
+    """
+    rng = np.random.default_rng(seed)
+    activity = np.asarray(activity, dtype=bool)
+    k = activity.shape[1]
+    loadings = rng.normal(size=(n, k)) * (rng.random((n, k)) >= pi0)
+    blocks, groups, intercepts, means, xs = [], [], [], [], []
+    for v, (name, likelihood, p) in enumerate(views):
+        on = (rng.random((p, k)) >= factor_pi0) & activity[v]
+        f = rng.normal(scale=slab_sd[v], size=(p, k)) * on
+        if likelihood == "poisson":
+            b = rng.normal(1.0, 0.5, size=p)
+            mean = np.logaddexp(0.0, loadings @ f.T + b)
+            x = rng.poisson(mean).astype(float)
+        elif likelihood == "gaussian":
+            b = rng.normal(0.0, 1.0, size=p)
+            mean = loadings @ f.T + b
+            x = mean + rng.normal(scale=noise_sd, size=mean.shape)
+        else:
+            raise ValueError(f"views are 'poisson' or 'gaussian', not {likelihood!r}")
+        blocks.append(f)
+        xs.append(x)
+        groups += [name] * p
+        intercepts.append(b)
+        means.append(mean)
+    return ViewSimulation(
+        np.concatenate(xs, 1),
+        np.asarray(groups),
+        activity,
+        loadings,
+        np.concatenate(blocks),
+        np.concatenate(intercepts),
+        np.concatenate(means, 1),
+    )

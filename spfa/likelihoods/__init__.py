@@ -26,13 +26,15 @@ for ``eta``), ``log_s`` is ``[n, 1]`` or ``None``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from ..links import Link
+from ..views import FeatureViews
 from .base import Likelihood, LikelihoodWrapper
 from .gaussian import Gaussian
 from .negative_binomial import NegativeBinomial, NegativeBinomialFull, NegativeBinomialShared
 from .poisson import Poisson
+from .views import ViewLinks, Views
 from .zero_inflated import ZeroInflated, ZeroInflatedNegativeBinomial
 from .zero_truncated import ZeroTruncated, ZeroTruncatedNegativeBinomial, ZeroTruncatedPoisson
 
@@ -49,8 +51,11 @@ __all__ = [
     "ZeroInflatedNegativeBinomial",
     "ZeroTruncatedPoisson",
     "ZeroTruncatedNegativeBinomial",
+    "Views",
+    "ViewLinks",
     "LIKELIHOODS",
     "get_likelihood",
+    "view_likelihood",
 ]
 
 #: name -> builder ``link -> Likelihood`` of every registered likelihood; each
@@ -97,3 +102,27 @@ def get_likelihood(likelihood: str | Likelihood, link: str | Link = "softplus") 
         f"unknown likelihood {likelihood!r}; expected one of {sorted(LIKELIHOODS)} "
         "or a spfa.likelihoods.Likelihood instance"
     )
+
+
+def view_likelihood(likelihoods, link, feature_groups) -> Views:
+    """A likelihood per view (:class:`Views`) from ``{view: name or instance}``.
+
+    Parameters
+    ----------
+    likelihoods : mapping of str to (str or Likelihood)
+        Each view's likelihood, as :func:`get_likelihood` takes it.
+    link : str, Link or mapping of str to (str or Link)
+        Every view's link, or a link per view (views it leaves out take ``"exp"``).
+    feature_groups : array-like of str, shape (p,)
+        Each feature's view.
+    """
+    names = list(likelihoods)
+    if isinstance(link, Mapping):
+        unknown = sorted(set(link) - set(names))
+        if unknown:
+            raise ValueError(f"link names views {unknown} that have no likelihood: {names}")
+        links = {v: link.get(v, "exp") for v in names}
+    else:
+        links = dict.fromkeys(names, link)
+    views = FeatureViews(feature_groups, names)
+    return Views({v: get_likelihood(likelihoods[v], links[v]) for v in names}, views)

@@ -13,6 +13,7 @@ from .normal_effect import NormalEffect, normal_kl
 from .normal_mixture import NormalMixture, NormalMixturePosterior
 from .point_exponential import PointExponential, PointExponentialPosterior
 from .point_normal import PointNormal, PointNormalPosterior, point_normal_kl
+from .views import ViewFamily
 
 __all__ = [
     "PRIORS",
@@ -27,6 +28,7 @@ __all__ = [
     "NormalMixture",
     "NormalMixturePosterior",
     "NormalEffect",
+    "ViewFamily",
     "get_prior",
     "normal_kl",
     "point_normal_kl",

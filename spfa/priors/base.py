@@ -249,12 +249,22 @@ class PriorFamily(torch.nn.Module):
     @torch.no_grad()
     def permute_(self, order: torch.Tensor) -> None:
         """Reorder the factors in place: new factor ``i`` is old factor ``order[i]``."""
+        self._permute_own_(order)
+        self.active.copy_(self.active[order])
+
+    def _permute_own_(self, order: torch.Tensor) -> None:
+        """:meth:`permute_` of everything but ``active``."""
         for tensor in self.variational_parameters():
             view = tensor.view(tensor.shape[0], self.k, self.n_values)
             view.copy_(view[:, order])
         buffers = [getattr(self, name) for name in self.factor_buffer_names]
-        for tensor in self.prior_parameters() + buffers + [self.active]:
+        for tensor in self.prior_parameters() + buffers:
             tensor.copy_(tensor[order])
+
+    def location_parameters(self) -> list[torch.nn.Parameter]:
+        """The variational parameters in the entries' own units (see
+        ``location_parameter_names``)."""
+        return [getattr(self, name) for name in self.location_parameter_names]
 
     @torch.no_grad()
     def flip_(self, signs: torch.Tensor) -> None:

@@ -183,6 +183,9 @@ class NormalMixturePosterior(Posterior):
         False for a switched-off factor, whose entries are exactly 0.
     """
 
+    #: the constructor's arrays, each with one row per entry's row (stacked by views)
+    fields = ("weights", "means", "sds", "active")
+
     def __init__(self, weights, means, sds, active=None):
         self.weights, self.means, self.sds = check_same_shape(
             ("weights", "means", "sds"), (weights, means, sds)

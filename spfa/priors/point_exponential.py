@@ -145,6 +145,9 @@ class PointExponentialPosterior(Posterior):
         Location and scale (``> 0``) of the normal that is truncated to ``theta > 0``.
     """
 
+    #: the constructor's arrays, each with one row per entry's row (stacked by views)
+    fields = ("pip", "loc", "scale")
+
     def __init__(self, pip, loc, scale):
         names = ("pip", "loc", "scale")
         self.pip, self.loc, self.scale = check_same_shape(names, (pip, loc, scale))

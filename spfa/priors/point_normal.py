@@ -185,6 +185,9 @@ class PointNormalPosterior(Posterior):
         Standard deviation ``s > 0`` of the slab.
     """
 
+    #: the constructor's arrays, each with one row per entry's row (stacked by views)
+    fields = ("pip", "slab_mean", "slab_sd")
+
     def __init__(self, pip, slab_mean, slab_sd):
         names = ("pip", "slab_mean", "slab_sd")
         self.pip, self.slab_mean, self.slab_sd = check_same_shape(names, (pip, slab_mean, slab_sd))

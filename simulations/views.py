@@ -1,0 +1,263 @@
+"""Two views of the same cells, with shared and view-specific factors, against MOFA+.
+
+Simulates (:func:`spfa.simulate.simulate_views`) 400 cells with an RNA view (300
+genes, ``Poisson(softplus(eta))``) and a protein view (50 features), with six
+factors: two shared, two in the RNA only, two in the protein only. Two designs:
+
+* ``gaussian_adt``: the protein view Gaussian (noise sd 1), as normalised protein
+  levels are usually modelled;
+* ``count_adt``: the protein view raw counts, ``Poisson(softplus(eta))`` too.
+
+Both methods get the right likelihood per view and 10 factors: spfa
+``likelihood={"rna": "poisson", "adt": ...}, link="softplus"`` (MOFA+'s Poisson rate,
+which the simulation uses) with its defaults otherwise; MOFA+ (``mofapy2``, the views
+as its views, spike-and-slab and ARD weights, its Gaussian view centred by us and the
+means added back, as MOFA+ has no intercept). Reported per design, as the mean over
+replicates:
+
+* per view, the relative error of the fitted ``E[x]`` against the truth, and its
+  ratio spfa / MOFA+;
+* the factor-to-view activity: each true factor is matched to a fitted one by the
+  |correlation| of their loadings (Hungarian), and the fitted factor's activity in
+  each view (spfa: its share of the view's ``view_elbo_contribution_``; MOFA+: its
+  share of the view's variance explained) scores the planted activity; AUROC over
+  every (view, true factor) of every replicate;
+* seconds per fit.
+
+The figure (``--out``/views.png, copied to figures/ by ``--figure``) shows the first
+replicate's planted activity beside each method's scores, and the errors.
+
+    python -m simulations.views [--n-reps 5] [--out runs/views] [--figure]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 10
+ACTIVITY = ((1, 1, 1, 1, 0, 0), (1, 1, 0, 0, 1, 1))
+DESIGNS = {
+    "gaussian_adt": (("rna", "poisson", 300), ("adt", "gaussian", 50)),
+    "count_adt": (("rna", "poisson", 300), ("adt", "poisson", 50)),
+}
+
+
+def _errors(mean, sim) -> dict:
+    out = {}
+    for view in np.unique(sim.feature_groups):
+        at = sim.feature_groups == view
+        out[str(view)] = float(
+            np.linalg.norm(mean[:, at] - sim.mean[:, at]) / np.linalg.norm(sim.mean[:, at])
+        )
+    return out
+
+
+def _shares(score: np.ndarray) -> np.ndarray:
+    """Each factor's share of each view's total (negative contributions count as 0)."""
+    score = np.maximum(score, 0.0)
+    return score / np.maximum(score.sum(1, keepdims=True), 1e-300)
+
+
+def _activity(sim, loadings, shares) -> tuple[np.ndarray, float]:
+    """The fitted factors' view shares at the true factors (matched by loadings), and the
+    worst matched |correlation|."""
+    from scipy.optimize import linear_sum_assignment
+
+    k = sim.loadings.shape[1]
+    corr = np.abs(np.corrcoef(sim.loadings.T, loadings.T)[:k, k:])
+    rows, cols = linear_sum_assignment(-np.nan_to_num(corr))
+    match = cols[np.argsort(rows)]
+    return shares[:, match], float(corr[rows, cols].min())
+
+
+def fit_spfa(sim, design):
+    import torch
+    from sklearn.exceptions import ConvergenceWarning
+
+    from spfa import SparseFactorAnalysis
+
+    likelihood = {name: lik for name, lik, _ in design}
+    est = SparseFactorAnalysis(K, likelihood=likelihood, link="softplus", random_state=0)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(sim.x, feature_groups=sim.feature_groups)
+    seconds = time.perf_counter() - t0
+    log_s = torch.log(torch.as_tensor(est.training_size_factors_, dtype=torch.float32))
+    with torch.no_grad():
+        mean = est.get_model().fitted_mean(log_s[:, None]).cpu().numpy()
+    kept = est.active_components_
+    shares = _shares(est.view_elbo_contribution_[:, kept])
+    order = [list(est.view_names_).index(name) for name, _, _ in design]
+    return mean, est.loadings_[:, kept], shares[order], seconds
+
+
+def fit_mofa(sim, design, seed=0):
+    from mofapy2.run.entry_point import entry_point
+
+    names = [name for name, _, _ in design]
+    liks = [lik for _, lik, _ in design]
+    blocks, centres = [], []
+    for name, lik in zip(names, liks, strict=True):
+        x = sim.x[:, sim.feature_groups == name]
+        centre = x.mean(0) if lik == "gaussian" else np.zeros(x.shape[1])
+        blocks.append([x - centre])
+        centres.append(centre)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ent = entry_point()
+        ent.set_data_options(scale_views=False, center_groups=False)
+        ent.set_data_matrix(blocks, likelihoods=liks, views_names=names)
+        ent.set_model_options(factors=K, spikeslab_weights=True, ard_weights=True)
+        ent.set_train_options(
+            iter=1000, convergence_mode="fast", seed=seed, quiet=True, verbose=False
+        )
+        ent.build()
+        ent.run()
+        r2 = np.asarray(ent.model.calculate_variance_explained()[0])  # (views, factors)
+    seconds = time.perf_counter() - t0
+    nodes = ent.model.getNodes()
+    z = nodes["Z"].getExpectation()
+    weights = nodes["W"].getExpectation()
+    mean = np.empty_like(sim.x)
+    for name, lik, w, centre in zip(names, liks, weights, centres, strict=True):
+        eta = z @ w.T
+        at = sim.feature_groups == name
+        mean[:, at] = eta + centre if lik == "gaussian" else np.logaddexp(0.0, eta)
+    return mean, z, _shares(r2), seconds
+
+
+def run(n_reps: int, seed: int):
+    from sklearn.metrics import roc_auc_score
+
+    from spfa.simulate import simulate_views
+
+    results, first = {}, {}
+    for design_name, design in DESIGNS.items():
+        rows = []
+        labels, scores = [], {"spfa": [], "mofa+": []}
+        for rep in range(n_reps):
+            sim = simulate_views(views=design, activity=ACTIVITY, seed=seed + rep)
+            row = {"seed": seed + rep}
+            for method, fit in (("spfa", fit_spfa), ("mofa+", fit_mofa)):
+                mean, loadings, shares, seconds = fit(sim, design)
+                matched, worst = _activity(sim, loadings, shares)
+                scores[method].append(matched.ravel())
+                row[method] = {
+                    "error": _errors(mean, sim),
+                    "seconds": seconds,
+                    "worst_match": worst,
+                    "shares": matched.tolist(),
+                }
+            labels.append(sim.activity.ravel())
+            rows.append(row)
+            e_s, e_m = row["spfa"]["error"], row["mofa+"]["error"]
+            print(
+                f"{design_name} seed {row['seed']}: error rna {e_s['rna']:.3f} / "
+                f"{e_m['rna']:.3f}, adt {e_s['adt']:.3f} / {e_m['adt']:.3f} (spfa / MOFA+); "
+                f"{row['spfa']['seconds']:.1f} s / {row['mofa+']['seconds']:.1f} s",
+                flush=True,
+            )
+            if design_name not in first:
+                first[design_name] = row
+        y = np.concatenate(labels)
+        summary = {
+            "auroc": {m: float(roc_auc_score(y, np.concatenate(s))) for m, s in scores.items()}
+        }
+        for method in ("spfa", "mofa+"):
+            for view in ("rna", "adt"):
+                summary[f"{method}_{view}_error"] = float(
+                    np.mean([r[method]["error"][view] for r in rows])
+                )
+            summary[f"{method}_seconds"] = float(np.mean([r[method]["seconds"] for r in rows]))
+        for view in ("rna", "adt"):
+            summary[f"{view}_ratio"] = (
+                summary[f"spfa_{view}_error"] / summary[f"mofa+_{view}_error"]
+            )
+            summary[f"{view}_worst_ratio"] = float(
+                max(r["spfa"]["error"][view] / r["mofa+"]["error"][view] for r in rows)
+            )
+        results[design_name] = {"rows": rows, "summary": summary}
+    return results, first
+
+
+def plot(results, first, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    designs = list(results)
+    fig, axes = plt.subplots(len(designs), 4, figsize=(15, 3.4 * len(designs)), squeeze=False)
+    for i, name in enumerate(designs):
+        row = first[name]
+        panels = (
+            ("planted activity", np.asarray(ACTIVITY, float)),
+            ("spfa: share of view_elbo_contribution_", np.asarray(row["spfa"]["shares"])),
+            ("MOFA+: share of variance explained", np.asarray(row["mofa+"]["shares"])),
+        )
+        for ax, (title, values) in zip(axes[i, :3], panels, strict=True):
+            ax.imshow(values, cmap="Greys", vmin=0, aspect="auto")
+            ax.set_yticks([0, 1], ["rna", "adt"])
+            ax.set_xticks(range(values.shape[1]), [str(t) for t in range(values.shape[1])])
+            ax.set(xlabel="true factor", title=f"{name}: {title}")
+        s = results[name]["summary"]
+        x = np.arange(2)
+        axes[i, 3].bar(x - 0.2, [s["spfa_rna_error"], s["spfa_adt_error"]], 0.4, label="spfa")
+        axes[i, 3].bar(x + 0.2, [s["mofa+_rna_error"], s["mofa+_adt_error"]], 0.4, label="MOFA+")
+        axes[i, 3].set_xticks(x, ["rna", "adt"])
+        axes[i, 3].set(
+            ylabel="relative error of E[x]",
+            title=f"AUROC spfa {s['auroc']['spfa']:.2f}, MOFA+ {s['auroc']['mofa+']:.2f}",
+        )
+        axes[i, 3].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n-reps", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/views")
+    parser.add_argument("--figure", action="store_true", help="copy the figure to figures/")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, first = run(args.n_reps, args.seed)
+    print("| design | view | error spfa | error MOFA+ | ratio (worst) | AUROC spfa / MOFA+ |")
+    print("|---|---|---|---|---|---|")
+    for name, res in results.items():
+        s = res["summary"]
+        for view in ("rna", "adt"):
+            print(
+                f"| {name} | {view} | {s[f'spfa_{view}_error']:.3f} | "
+                f"{s[f'mofa+_{view}_error']:.3f} | {s[f'{view}_ratio']:.2f} "
+                f"({s[f'{view}_worst_ratio']:.2f}) | "
+                f"{s['auroc']['spfa']:.2f} / {s['auroc']['mofa+']:.2f} |"
+            )
+        print(
+            f"{name}: seconds per fit spfa {s['spfa_seconds']:.1f}, MOFA+ {s['mofa+_seconds']:.1f}"
+        )
+    (out / "views.json").write_text(json.dumps(results, indent=1))
+    plot(results, first, out / "views.png")
+    if args.figure:
+        shutil.copy(out / "views.png", ROOT / "figures" / "views.png")
+    print(f"wrote {out / 'views.json'} and {out / 'views.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Multi-view fits: a likelihood per view of the features, a prior per view and factor."""
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from scipy import optimize, stats
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import roc_auc_score
+
+from spfa import SparseFactorAnalysis
+from spfa.expectation import get_expectation
+from spfa.likelihoods import Gaussian, Poisson, Views, view_likelihood
+from spfa.priors import PRIORS, ViewFamily
+from spfa.simulate import simulate_views
+from spfa.testing import priors as prior_checks
+from spfa.views import FeatureViews
+
+LIKELIHOODS = {"rna": "poisson", "adt": "gaussian"}
+
+
+@pytest.fixture(scope="module")
+def two_views():
+    """A small two-view design with shared and view-specific factors, and its fit."""
+    sim = simulate_views(
+        n=200,
+        views=(("rna", "poisson", 120), ("adt", "gaussian", 30)),
+        activity=((1, 1, 0), (1, 0, 1)),
+        seed=1,
+    )
+    est = SparseFactorAnalysis(5, likelihood=LIKELIHOODS, link="softplus", random_state=0)
+    est.fit(sim.x, feature_groups=sim.feature_groups)
+    return sim, est
+
+
+def _match(truth, estimate):
+    """Estimated factor matched to each true factor by |correlation| of the loadings."""
+    corr = np.abs(np.corrcoef(truth.T, estimate.T)[: truth.shape[1], truth.shape[1] :])
+    rows, cols = optimize.linear_sum_assignment(-np.nan_to_num(corr))
+    return cols[np.argsort(rows)], corr[rows, cols]
+
+
+# ---------------------------------------------------------------------- the partition
+def test_feature_views_split_and_join_round_trip():
+    views = FeatureViews(["b", "a", "b", "b", "a"], ["a", "b"])
+    assert views.of.tolist() == [1, 0, 1, 1, 0]
+    assert [idx.tolist() for idx in views.index] == [[1, 4], [0, 2, 3]]
+    assert views.local.tolist() == [0, 0, 1, 2, 1]
+    values = np.arange(10.0).reshape(2, 5)
+    parts = views.split(values)
+    assert parts[0].tolist() == [[1.0, 4.0], [6.0, 9.0]]
+    np.testing.assert_array_equal(views.join(parts), values)
+    tensor = torch.as_tensor(values)
+    assert torch.equal(views.join(views.split(tensor)), tensor)
+    assert torch.equal(views.join(views.split(tensor.T, 0), 0), tensor.T)
+    assert views.groups.tolist() == ["b", "a", "b", "b", "a"]
+
+
+@pytest.mark.parametrize(
+    "groups, names, match",
+    [
+        (["a", "c"], ["a", "b"], "no likelihood"),
+        (["a", "a"], ["a", "b"], "no features"),
+        ([["a"], ["b"]], ["a", "b"], "1-D"),
+        (["a", "a"], ["a", "a"], "distinct"),
+    ],
+)
+def test_feature_views_bad_input(groups, names, match):
+    with pytest.raises(ValueError, match=match):
+        FeatureViews(groups, names)
+
+
+# ---------------------------------------------------------------- the prior per view
+@pytest.mark.parametrize("family", sorted(PRIORS))
+def test_view_family_passes_the_prior_checks(family):
+    """KL against Monte Carlo of its own draws, summaries, state, EB update, switching
+    and permuting (spfa.testing's checks) on a family split into two views."""
+
+    class TwoViews(ViewFamily):
+        def __init__(self, m, k):
+            groups = np.where(np.arange(m) % 3 == 0, "a", "b")
+            super().__init__(PRIORS[family], FeatureViews(groups, ["b", "a"]), k)
+
+    fam = prior_checks._family(TwoViews, 0)
+    prior_checks._check_monte_carlo(family, fam, 0)
+    prior_checks._check_summaries(family, fam)
+    prior_checks._check_state(family, TwoViews, fam)
+    prior_checks._check_update(family, fam)
+    prior_checks._check_switch_and_permute(family, prior_checks._family(TwoViews, 0))
+
+
+def test_view_family_learns_its_prior_per_view():
+    """A factor with entries in one view only: the EB update gives it inclusion near 1
+    there and near 0 in the other view, and its KL splits by view."""
+    views = FeatureViews(["a"] * 6 + ["b"] * 4, ["a", "b"])
+    fam = ViewFamily(PRIORS["point_normal"], views, 2)
+    with torch.no_grad():
+        for part, on in zip(fam.parts, (8.0, -8.0), strict=True):
+            part.logits[:, 0] = on
+        fam.update_prior_()
+    pi = fam.prior_summary()["prior_pi"].detach()
+    assert pi.shape == (2, 2)
+    assert float(pi[0, 0]) > 0.99 and float(pi[0, 1]) < 0.01
+    with torch.no_grad():
+        assert torch.allclose(fam.kl_by_view().sum(), fam.kl())
+    # one active buffer: switching a factor off switches it off in every view
+    fam.active[1] = 0.0
+    assert all(float(part.active[1]) == 0.0 for part in fam.parts)
+    fam.double()
+    fam.active[0] = 0.0
+    assert all(float(part.active[0]) == 0.0 for part in fam.parts)
+
+
+# ------------------------------------------------------------ the likelihood per view
+def _views_likelihood():
+    views = FeatureViews(["g", "c", "c", "g", "c"], ["c", "g"])
+    lik = Views({"c": Poisson("softplus"), "g": Gaussian()}, views)
+    lik.initialize(np.ones(5), np.array([1.0, 1.0, 1.0, 2.0, 1.0]))
+    return lik, views
+
+
+def test_views_log_prob_matches_scipy_on_grid_and_entries():
+    """Each view's features get its own log-probability (scipy's), on a grid and at
+    listed entries, with size factors on the count view only."""
+    lik, views = _views_likelihood()
+    lik.requires_grad_(False)
+    rng = np.random.default_rng(0)
+    x = rng.poisson(2.0, size=(4, 5)).astype(float)
+    x[:, views.index[1]] = rng.normal(size=(4, 2))
+    eta = rng.normal(size=(4, 5))
+    log_s = np.log(rng.uniform(0.5, 2.0, size=(4, 1)))
+    var = lik.parts[1].noise_variance.detach().double().numpy()
+    mu = np.log1p(np.exp(eta)) * np.exp(log_s)
+    expected = stats.poisson.logpmf(x, mu)
+    g = views.index[1]
+    expected[:, g] = stats.norm.logpdf(x[:, g], eta[:, g], np.sqrt(var))
+    t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+    grid = lik.log_prob(t(x), t(eta), t(log_s)).numpy()
+    np.testing.assert_allclose(grid, expected, rtol=1e-5, atol=1e-5)
+    rows, cols = np.nonzero(np.ones((4, 5)))
+    entries = lik.log_prob(
+        t(x[rows, cols]),
+        t(eta[rows, cols]),
+        t(log_s[rows, 0]),
+        torch.as_tensor(rows),
+        torch.as_tensor(cols),
+    ).numpy()
+    np.testing.assert_allclose(entries, expected[rows, cols], rtol=1e-5, atol=1e-5)
+    # the expected log-probability: each view's own rule (the Gaussian's closed form)
+    rule = get_expectation("quadrature", 40)
+    ell = lik.expected_log_prob(t(x), t(eta), t(np.full((4, 5), 1e-8)), t(log_s), rule)
+    np.testing.assert_allclose(ell.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_view_likelihood_builds_each_view_with_its_link():
+    lik = view_likelihood(
+        {"rna": "negative_binomial", "adt": "gaussian"}, {"rna": "softplus"}, ["adt", "rna"]
+    )
+    assert [p.name for p in lik.parts] == ["negative_binomial", "gaussian"]
+    assert lik.parts[0].link.name == "softplus"
+    assert lik.positive_mean and not lik.integer_support
+    with pytest.raises(ValueError, match="no likelihood"):
+        view_likelihood({"rna": "poisson"}, {"protein": "exp"}, ["rna"])
+    with pytest.raises(ValueError, match="only non-zero"):
+        view_likelihood({"rna": "zt_poisson", "adt": "gaussian"}, "exp", ["rna", "adt"])
+
+
+# ------------------------------------------------------------------------- fitting
+def test_views_fit_recovers_which_factor_lives_where(two_views):
+    """view_elbo_contribution_ tells shared from view-specific factors: AUROC 1 against
+    the planted activity after matching factors to the truth by their loadings."""
+    sim, est = two_views
+    kept = est.active_components_
+    assert est.view_elbo_contribution_.shape == (2, 5)
+    assert np.all(est.view_elbo_contribution_[:, ~kept] == 0)
+    assert list(est.view_names_) == ["rna", "adt"]
+    match, corr = _match(sim.loadings, est.loadings_[:, kept])
+    assert corr.min() > 0.8
+    score = est.view_elbo_contribution_[:, kept][:, match]
+    share = score / np.abs(score).sum(1, keepdims=True)
+    assert roc_auc_score(sim.activity.ravel(), share.ravel()) >= 0.9
+    # each view's prior, per factor; each view's nuisance parameters on its own features
+    assert est.factors_prior_pi_.shape == (5, 2)
+    rna = sim.feature_groups == "rna"
+    assert np.isnan(est.noise_variance_[rna]).all()
+    assert np.isfinite(est.noise_variance_[~rna]).all()
+
+
+def test_views_fit_recovers_each_views_mean(two_views):
+    """Planted truth: each view's E[x] is recovered (relative error), and the count
+    view's intercepts are on its link's scale, the Gaussian view's on the data's."""
+    sim, est = two_views
+    model = est.get_model()
+    log_s = torch.log(torch.as_tensor(est.training_size_factors_, dtype=torch.float32))
+    with torch.no_grad():
+        mean = model.fitted_mean(log_s[:, None]).numpy()
+    for view in ("rna", "adt"):
+        at = sim.feature_groups == view
+        error = np.linalg.norm(mean[:, at] - sim.mean[:, at]) / np.linalg.norm(sim.mean[:, at])
+        assert error < 0.25, view
+        assert np.corrcoef(est.intercept_[at], sim.intercept[at])[0, 1] > 0.8, view
+
+
+def test_views_sparse_minibatch_transform_and_save(two_views, tmp_path):
+    """Sparse X and minibatches fit the same model; new rows, score and a saved fit work
+    with the views; the library sizes are the count view's."""
+    sim, est = two_views
+    x = sim.x.copy()
+    x[:, sim.feature_groups == "adt"] -= 100.0  # a Gaussian view's level: not in s
+    est2 = SparseFactorAnalysis(5, likelihood=LIKELIHOODS, link="softplus", random_state=0)
+    est2.fit(sp.csr_matrix(x), feature_groups=sim.feature_groups)
+    np.testing.assert_allclose(est2.training_size_factors_, est.training_size_factors_)
+    assert abs(est2.n_effective_components_ - est.n_effective_components_) <= 1
+    batched = SparseFactorAnalysis(
+        5, likelihood=LIKELIHOODS, link="softplus", batch_size=50, max_iter=100, random_state=0
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # 100 passes: enough here
+        batched.fit(sp.csr_matrix(sim.x), feature_groups=sim.feature_groups)
+    assert np.isfinite(batched.elbo_) and batched.view_elbo_contribution_.shape == (2, 5)
+    new = est.transform(sim.x[:20])
+    assert new.shape == (20, 5) and np.isfinite(new).all()
+    assert np.isfinite(est.score(sim.x[:20]))
+    path = tmp_path / "views.spfa"
+    est.save(path)
+    loaded = SparseFactorAnalysis.load(path)
+    assert list(loaded.feature_groups_) == list(sim.feature_groups)
+    np.testing.assert_allclose(loaded.transform(sim.x[:20]), new, rtol=1e-4, atol=1e-4)
+
+
+def test_views_bad_input():
+    sim = simulate_views(
+        n=30, views=(("rna", "poisson", 8), ("adt", "gaussian", 4)), activity=((1,), (1,))
+    )
+    est = SparseFactorAnalysis(2, likelihood=LIKELIHOODS, max_iter=5)
+    with pytest.raises(ValueError, match="feature_groups"):
+        est.fit(sim.x)
+    with pytest.raises(ValueError, match="one view name per feature"):
+        est.fit(sim.x, feature_groups=sim.feature_groups[:-1])
+    with pytest.raises(ValueError, match="dict"):
+        SparseFactorAnalysis(2, max_iter=5).fit(sim.x, feature_groups=sim.feature_groups)
+    negative = sim.x.copy()
+    negative[0, 0] = -1.0  # a count view's feature
+    with pytest.raises(ValueError, match="Negative"):
+        est.fit(negative, feature_groups=sim.feature_groups)
+    # a Gaussian view's negative values are its data
+    negative[0, 0], negative[0, -1] = 0.0, -5.0
+    est.set_params(max_iter=5)
+    with pytest.warns(ConvergenceWarning):  # not converged in 5 steps
+        est.fit(negative, feature_groups=sim.feature_groups)
