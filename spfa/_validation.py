@@ -423,11 +423,14 @@ def check_size_factors(size_factors, n_samples: int, likelihood=None) -> np.ndar
             f"size_factors are only used by count likelihoods, not by {type(likelihood).__name__}"
         )
     s = np.asarray(size_factors, dtype=np.float64)
-    if s.ndim == 2 and 1 in s.shape:
+    views = getattr(likelihood, "views", None)
+    per_view = views is not None and s.ndim == 2 and s.shape == (n_samples, views.n_views)
+    if s.ndim == 2 and 1 in s.shape and not per_view:
         s = s.ravel()
-    if s.ndim != 1 or s.shape[0] != n_samples:
+    if not per_view and (s.ndim != 1 or s.shape[0] != n_samples):
+        also = "" if views is None else f" or ({n_samples}, {views.n_views}), one per view"
         raise ValueError(
-            f"size_factors must have shape ({n_samples},), one per sample; got {s.shape}"
+            f"size_factors must have shape ({n_samples},), one per sample{also}; got {s.shape}"
         )
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
         raise ValueError("size_factors must be finite and strictly positive")
@@ -436,15 +439,6 @@ def check_size_factors(size_factors, n_samples: int, likelihood=None) -> np.ndar
 
 #: a row with no counts gets the size factor of half a count (log s stays finite)
 EMPTY_ROW_COUNT = 0.5
-
-
-def scaled_features(likelihood) -> np.ndarray | None:
-    """The features whose mean size factors scale, as a boolean ``(p,)`` mask: a
-    multi-view likelihood's count views' (its library sizes are theirs); None: all."""
-    views = getattr(likelihood, "views", None)
-    if views is None:
-        return None
-    return np.array([lik.positive_mean for lik in likelihood.parts])[views.of]
 
 
 def library_sizes(X, features: np.ndarray | None = None) -> np.ndarray:
@@ -470,6 +464,19 @@ def library_sizes(X, features: np.ndarray | None = None) -> np.ndarray:
     return np.where(observed > 0, total * p / np.maximum(observed, 1), 0.0)
 
 
+def view_library_sizes(X, likelihood) -> np.ndarray:
+    """:func:`library_sizes`; for a multi-view likelihood each count view's own, ``(n,
+    n_views)`` (1 for the views whose mean size factors do not scale)."""
+    views = getattr(likelihood, "views", None)
+    if views is None:
+        return library_sizes(X)
+    columns = [
+        library_sizes(X, views.of == v) if lik.positive_mean else np.ones(X.shape[0])
+        for v, lik in enumerate(likelihood.parts)
+    ]
+    return np.stack(columns, 1)
+
+
 def library_size_factors(
     X, reference: float | None = None, lib: np.ndarray | None = None
 ) -> tuple[np.ndarray, float]:
@@ -492,8 +499,8 @@ def library_size_factors(
     """
     lib = library_sizes(X) if lib is None else lib
     if reference is None:
-        reference = float(lib.mean())
-        if not reference > 0:
+        reference = float(lib.mean()) if lib.ndim == 1 else lib.mean(0)
+        if not np.all(reference > 0):
             raise ValueError("every row of X is empty, so library sizes cannot scale the mean")
     return np.maximum(lib, EMPTY_ROW_COUNT) / reference, reference
 
@@ -502,9 +509,15 @@ def default_size_factors(X, s, likelihood, library_size: bool, reference=None):
     """The size factors a fit or new rows use: ``s`` when given; library sizes
     (against ``reference``) when the estimator computes them for a count likelihood;
     otherwise None. Returns ``(s, reference or None)``."""
+    views = getattr(likelihood, "views", None)
+    if views is not None and s is not None:  # one per row and view; 1 where unused
+        scaled = np.array([lik.positive_mean for lik in likelihood.parts])
+        return np.where(scaled, s if s.ndim == 2 else s[:, None], 1.0), None
     if s is not None or not library_size or not likelihood.positive_mean:
         return s, None
-    return library_size_factors(X, reference, library_sizes(X, scaled_features(likelihood)))
+    if reference is not None and views is not None:
+        reference = np.asarray(reference, dtype=float)
+    return library_size_factors(X, reference, view_library_sizes(X, likelihood))
 
 
 def resolve_device(device) -> torch.device:

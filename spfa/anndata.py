@@ -16,7 +16,9 @@ on all genes or those of ``mask_var``, and writes, with ``key_added="spfa"``:
                                                ``active`` per factor,
                                                ``n_effective_components``, ``layer``,
                                                ``mask_var``, ``covariates`` (the design's
-                                               column names)
+                                               column names); for a multi-view fit
+                                               (``feature_groups=``) also ``views`` and
+                                               ``view_elbo_contribution``
 =================================  ==========  ==========================================
 
 Factors keep the estimator's order: by ELBO contribution, pruned ones last
@@ -199,6 +201,7 @@ def fit(
     mask_var=None,
     size_factors=None,
     covariates=None,
+    feature_groups=None,
     key_added: str = "spfa",
     verbose=True,
     **params,
@@ -221,6 +224,12 @@ def fit(
     covariates : str or list of str, optional
         Columns of ``adata.obs`` whose effects the model learns beside the factors
         (:func:`covariate_design`), e.g. ``"batch"``.
+    feature_groups : str or array-like of shape (n_vars,), optional
+        Each gene's view for a multi-view fit (``likelihood={view: name, ...}``): a
+        column of ``adata.var`` (e.g. ``"feature_types"``, as 10x and muon name RNA
+        and antibody capture) or the views themselves. ``uns[key_added]`` then also
+        holds ``views`` and ``view_elbo_contribution`` (``(n_views, k)``). The fitted
+        genes are read into memory (a multi-view fit does not stream from disk).
     key_added : str, default="spfa"
         Write ``obsm[f"X_{key_added}"]``, ``varm[f"{key_added}_factors"]``,
         ``varm[f"{key_added}_pip"]``, ``var[f"{key_added}_intercept"]`` and
@@ -237,8 +246,31 @@ def fit(
     """
     X, mask = counts(adata, layer=layer, mask_var=mask_var)
     design, names = (None, []) if covariates is None else covariate_design(adata, covariates)
+    groups = None
+    if feature_groups is not None:
+        if isinstance(feature_groups, str):
+            if feature_groups not in adata.var:
+                raise ValueError(
+                    f"adata.var has no column {feature_groups!r} for feature_groups; its "
+                    f"columns are {list(adata.var.columns)}"
+                )
+            feature_groups = adata.var[feature_groups]
+        groups = np.asarray(feature_groups).astype(str)
+        if groups.shape != (adata.n_vars,):
+            raise ValueError(
+                f"feature_groups must name one view per gene of adata ({adata.n_vars}), got "
+                f"shape {groups.shape}"
+            )
+        groups = groups[mask]
+        if isinstance(X, BackedRows):  # a multi-view fit holds its rows in memory
+            X = X.read(0, X.shape[0])
     estimator = SparseFactorAnalysis(n_components=n_components, verbose=verbose, **params)
-    estimator.fit(X, size_factors=_size_factors(adata, size_factors), covariates=design)
+    estimator.fit(
+        X,
+        size_factors=_size_factors(adata, size_factors),
+        covariates=design,
+        **({} if groups is None else {"feature_groups": groups}),
+    )
     estimator.feature_names_in_ = np.asarray(adata.var_names[mask], dtype=object)
     if design is not None:
         columns = [covariates] if isinstance(covariates, str) else list(covariates)
@@ -268,6 +300,11 @@ def fit(
         "mask_var": mask_var if isinstance(mask_var, str) else ("" if mask_var is None else "mask"),
         "covariates": list(names),
     }
+    if groups is not None:
+        adata.uns[key_added]["views"] = [str(v) for v in estimator.view_names_]
+        adata.uns[key_added]["view_elbo_contribution"] = np.asarray(
+            estimator.view_elbo_contribution_, dtype=float
+        )
     return estimator
 
 

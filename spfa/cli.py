@@ -54,7 +54,15 @@ def _estimator_options(parser) -> None:
     from .priors import PRIORS
 
     group = parser.add_argument_group("model")
-    group.add_argument("--likelihood", default="poisson", choices=sorted(LIKELIHOODS))
+    group.add_argument(
+        "--likelihood",
+        nargs="+",
+        default=["poisson"],
+        metavar="NAME",
+        help=f"one of {', '.join(sorted(LIKELIHOODS))}; or, with --feature-groups, one "
+        "VIEW=NAME per view (e.g. 'Gene Expression=negative_binomial' "
+        "'Antibody Capture=gaussian')",
+    )
     group.add_argument("--prior", default="point_normal", choices=sorted(PRIORS))
     group.add_argument("--max-iter", type=int, default=3000, help="passes over the data")
     group.add_argument("--batch-size", type=int, default=None, help="rows per step (minibatch)")
@@ -95,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="COLUMN",
         help="columns of obs whose effects are fitted beside the factors (e.g. batch; "
         "categories are one-hot encoded)",
+    )
+    fit.add_argument(
+        "--feature-groups",
+        default=None,
+        metavar="COLUMN",
+        help="column of var naming each gene's view (e.g. feature_types) for a multi-view "
+        "fit; give --likelihood VIEW=NAME per view",
     )
     fit.add_argument("--save-model", default=None, metavar="PATH", help="save the fitted model")
     fit.add_argument("--log-dir", default=None, help="write a TensorBoard run here")
@@ -160,9 +175,32 @@ def _gene_mask(adata, args):
     return None
 
 
+def _likelihood(args):
+    """``--likelihood``: one name, or ``VIEW=NAME`` per view (a multi-view fit)."""
+    from .likelihoods import LIKELIHOODS
+
+    given = list(args.likelihood)
+    views = getattr(args, "feature_groups", None) is not None
+    if not views:
+        if len(given) != 1 or "=" in given[0]:
+            raise CommandError("--likelihood takes one name (VIEW=NAME needs --feature-groups)")
+        out = {"": given[0]}
+    else:
+        pairs = [item.partition("=") for item in given]
+        if not all(sep and view and name for view, sep, name in pairs):
+            raise CommandError("with --feature-groups, --likelihood takes VIEW=NAME per view")
+        out = {view: name for view, _, name in pairs}
+    for name in out.values():
+        if name not in LIKELIHOODS:
+            raise CommandError(
+                f"unknown likelihood {name!r}; choose from {', '.join(sorted(LIKELIHOODS))}"
+            )
+    return out if views else out[""]
+
+
 def _params(args) -> dict:
     return {
-        "likelihood": args.likelihood,
+        "likelihood": _likelihood(args),
         "prior": args.prior,
         "max_iter": args.max_iter,
         "batch_size": args.batch_size,
@@ -220,6 +258,7 @@ def _fit(args) -> None:
         layer=args.layer,
         mask_var=mask,
         covariates=args.covariates,
+        feature_groups=args.feature_groups,
         verbose=0 if args.quiet else 1,
         log_dir=args.log_dir,
         **_params(args),
@@ -261,6 +300,10 @@ def _info(args) -> None:
         ("ELBO contribution", " ".join(f"{c:.4g}" for c in est.elbo_contribution_)),
         ("device fitted on", str(est.device_)),
     ]
+    if getattr(est, "feature_groups_", None) is not None:
+        groups = [str(v) for v in est.feature_groups_]
+        sizes = ", ".join(f"{v} ({groups.count(str(v))})" for v in est.view_names_)
+        rows.insert(4, ("views (features)", sizes))
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         _out(f"{name:<{width}}  {value}")

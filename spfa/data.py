@@ -79,8 +79,8 @@ class RowBatches:
     ----------
     X : ndarray of shape (n, p) or scipy.sparse matrix
         Validated data, NaN where missing (stored NaN for sparse input).
-    log_s : ndarray of shape (n,) or None
-        Log size factors.
+    log_s : ndarray of shape (n,) or (n, n_views), or None
+        Log size factors (a multi-view fit's per view).
     batch_size : int or None
         Rows per batch; None for one batch of all rows.
     entries : bool
@@ -137,7 +137,11 @@ class RowBatches:
             perm = self._rng.permutation(n) if b < n else np.arange(n)
         self._perm_host = perm
         self._perm = torch.as_tensor(perm, dtype=torch.long, device=device)
-        self.log_s = None if log_s is None else self._float(np.asarray(log_s)[:, None])
+        if log_s is not None:  # (n, 1), or a multi-view fit's (n, n_views)
+            log_s = np.asarray(log_s)
+            self.log_s = self._float(log_s[:, None] if log_s.ndim == 1 else log_s)
+        else:
+            self.log_s = None
         self.covariates = None if covariates is None else self._float(covariates)
         self.sparse = sp.issparse(X) or entries
         if self.backed:

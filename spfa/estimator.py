@@ -25,9 +25,8 @@ from ._validation import (
     clear_fitted,
     default_size_factors,
     library_size_factors,
-    library_sizes,
     resolve_device,
-    scaled_features,
+    view_library_sizes,
     warn_missing_size_factors,
 )
 from .distributed import SINGLE, current_group
@@ -339,13 +338,14 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         _check_ranks_agree(group, X.shape[1], s, C, settings, self._structure())
         library = s is None and self.library_size and likelihood.positive_mean
         if group.parallel and library:  # against every rank's mean
-            lib = library_sizes(X, scaled_features(likelihood))
-            total, rows = group.sum(lib.sum(), X.shape[0])
-            if not total > 0:
+            lib = view_library_sizes(X, likelihood)
+            total, rows = group.sum(lib.sum(0), X.shape[0])
+            if not np.all(total > 0):
                 raise ValueError(
                     "every row of every rank's X is empty, so library sizes cannot scale the mean"
                 )
-            self.library_size_mean_ = float(total / rows)
+            mean = np.asarray(total / rows, dtype=float)
+            self.library_size_mean_ = float(mean) if mean.ndim == 0 else mean
             return X, library_size_factors(X, self.library_size_mean_, lib)[0], C
         s, self.library_size_mean_ = default_size_factors(X, s, likelihood, self.library_size)
         return X, s, C

@@ -37,6 +37,7 @@ from .model import SparseFactorModel
 from .monitor import Monitor
 from .progress import ProgressBar, showing_logs
 from .training import TrainResult, train
+from .views import size_grid
 
 __all__ = [
     "FitSettings",
@@ -370,7 +371,7 @@ class _Projection:
 
     def __init__(self, model):
         lik = model.likelihood
-        self.link = lik.link
+        self.likelihood, self.link = lik, lik.link
         with torch.no_grad():
             b = self.b = to_numpy(model.intercept_mean())
             self.mu0 = to_numpy(lik.mean(model.intercept_mean()))
@@ -387,7 +388,7 @@ class _Projection:
     def means(self, x, mask, s, covariates=None) -> np.ndarray:
         """Ridge projection of the linearised rows ``x`` (less their covariates' fitted
         effects) onto ``E[F]``: start of ``E[L]``."""
-        y = x if s is None else x / s[:, None]
+        y = x if s is None else x / size_grid(s, self.likelihood)
         z = working_response(self.link, y, self.mu0, self.b, self.slope)
         if self.coef is not None and covariates is not None:
             z -= covariates @ self.coef.T
@@ -887,6 +888,6 @@ def sample_data(model, s, n_draws: int, n_features: int, rng, covariates=None) -
             eta = model.sample_eta(gen, covariates=covariates)
             mean = to_numpy(model.likelihood.mean(eta))
             if s is not None:
-                mean = mean * s[:, None]
+                mean = mean * size_grid(s, model.likelihood)
             out[d] = model.likelihood.sample(mean, data_rng)
     return out

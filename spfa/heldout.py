@@ -265,7 +265,8 @@ def _log_predictive(model, x, log_s, rows, global_seeds, row_gen, make_generator
     ``covariates``), float64."""
     device = x.device
     if log_s is not None:
-        log_s = torch.as_tensor(log_s[:, None], dtype=torch.float32, device=device)
+        log_s = log_s[:, None] if log_s.ndim == 1 else log_s  # a multi-view fit's per view
+        log_s = torch.as_tensor(log_s, dtype=torch.float32, device=device)
     running = None
     with torch.no_grad():
         for seed in global_seeds:

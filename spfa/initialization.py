@@ -21,6 +21,7 @@ from scipy.linalg import blas
 from sklearn.utils.extmath import randomized_svd
 
 from .likelihoods import Likelihood
+from .views import size_grid
 
 __all__ = ["Start", "initialize", "initialize_streamed"]
 
@@ -95,7 +96,7 @@ def initialize(
         Data with missing entries set to 0.
     mask : ndarray of shape (n, p) or None
         1 for observed entries.
-    size_factors : ndarray of shape (n,) or None
+    size_factors : ndarray of shape (n,), or a multi-view fit's (n, n_views), or None
     n_components : int
     likelihood : Likelihood
         Its ``initialize`` is called here; its link and variance function are used.
@@ -115,16 +116,16 @@ def initialize(
     """
     n, p = x.shape
     link = likelihood.link
-    s = np.ones(n) if size_factors is None else np.asarray(size_factors, dtype=float)
+    s = np.ones((n, 1)) if size_factors is None else size_grid(size_factors, likelihood)
     obs = np.ones_like(x) if mask is None else mask
-    y = x / s[:, None]
+    y = x / s
 
     # per-feature mean and variance of x / s over observed entries
     n_obs = np.maximum(obs.sum(0), 1.0)
-    feature_mean = (obs * x).sum(0) / np.maximum((obs * s[:, None]).sum(0), 1e-300)
+    feature_mean = (obs * x).sum(0) / np.maximum((obs * s).sum(0), 1e-300)
     feature_var = (obs * (y - feature_mean) ** 2).sum(0) / n_obs
 
-    eta0, mu0, slope = _baseline(link, feature_mean, (obs * s[:, None]).sum(0), fit_intercept, p)
+    eta0, mu0, slope = _baseline(link, feature_mean, (obs * s).sum(0), fit_intercept, p)
 
     likelihood.initialize(feature_mean, feature_var)
     # a free noise variance is not known before the low-rank fit: unweighted SVD
@@ -246,7 +247,7 @@ def initialize_streamed(
 
     def each():
         for rows, x, mask, s in blocks():
-            size = None if s is None else np.asarray(s, float)[:, None]
+            size = None if s is None else size_grid(s, likelihood)
             yield rows, x, mask, size
 
     def observed(mask, shape):  # observed entries per feature of a block

@@ -5,7 +5,8 @@ log-likelihood), ``loss/kl_l``, ``loss/kl_f``, ``loss/kl_b`` every step (every
 pass, as the mean of its steps, in minibatch training); and the learned
 per-factor priors, ``prior/{loadings,factors}_<key>/<k>`` for each per-factor
 value of the families' ``prior_summary`` (``pi`` and ``scale`` for the
-point-normal family), once per window of the stopping rule. ``prior_history``
+point-normal family; ``prior/factors_<key>/<view>/<k>`` per view of a multi-view
+fit), once per window of the stopping rule. ``prior_history``
 holds the same values, keyed ``{loadings,factors}_prior_<key>``.
 """
 
@@ -61,12 +62,17 @@ class Monitor:
         for i, row in enumerate(terms):
             for name, value in zip(ELBOTerms.NAMES, row, strict=True):
                 self.writer.add_scalar(f"loss/{name}", value, first_step + i + 1)
+        views = getattr(self.model.factors, "views", None)
         for key, value in priors.items():
-            if value.ndim != 1:
-                continue  # e.g. mixture weights: in the history only
             tag = key.replace("_prior_", "_")
-            for k, v in enumerate(value):
-                self.writer.add_scalar(f"prior/{tag}/{k}", v, last_step)
+            if value.ndim == 1:
+                for k, v in enumerate(value):
+                    self.writer.add_scalar(f"prior/{tag}/{k}", v, last_step)
+            elif views is not None and key.startswith("factors") and value.ndim == 2:
+                for k, row in enumerate(value):  # a multi-view fit's factors: per view
+                    for name, v in zip(views.names, row, strict=True):
+                        self.writer.add_scalar(f"prior/{tag}/{name}/{k}", v, last_step)
+            # others (e.g. mixture weights): in the history only
 
     def close(self) -> None:
         if self.writer is not None:

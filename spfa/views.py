@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["FeatureViews"]
+__all__ = ["FeatureViews", "size_grid"]
 
 
 class FeatureViews:
@@ -131,3 +131,13 @@ class FeatureViews:
     def __repr__(self) -> str:
         sizes = ", ".join(f"{n}: {s}" for n, s in zip(self.names, self.sizes(), strict=True))
         return f"FeatureViews({sizes})"
+
+
+def size_grid(s: np.ndarray, likelihood) -> np.ndarray:
+    """Size factors as an array that broadcasts over the ``(n, p)`` data: ``(n, 1)``
+    from one per row, ``(n, p)`` from a multi-view fit's one per row and view
+    ``(n, n_views)`` (each feature takes its view's)."""
+    s = np.asarray(s, dtype=float)
+    if s.ndim == 1:
+        return s[:, None]
+    return s[:, likelihood.views.of]

@@ -235,3 +235,25 @@ def test_fit_with_obs_covariates_and_transform_new_cells(tmp_path, capsys):
     assert code == 0, err
     code, _, err = run(["fit", path, "-k", "2", "-o", out, "--covariates", "nope", "-q"], capsys)
     assert code != 0 and "not a column of adata.obs" in err
+
+
+def test_fit_views_from_a_var_column(tmp_path, capsys):
+    """--feature-groups names the var column of each gene's view; --likelihood then takes
+    VIEW=NAME per view, and info reports the views."""
+    X, cells, genes = _counts()
+    adata = ad.AnnData(X=sp.csr_matrix(X))
+    adata.obs_names, adata.var_names = cells, genes
+    adata.var["feature_types"] = np.where(np.arange(30) < 24, "Gene Expression", "Antibody")
+    path, out, model = tmp_path / "in.h5ad", tmp_path / "out.h5ad", tmp_path / "model.pt"
+    adata.write_h5ad(path)
+    views = ["--likelihood", "Gene Expression=poisson", "Antibody=negative_binomial"]
+    argv = ["fit", path, "-k", "2", "-o", out, "--feature-groups", "feature_types", *views]
+    code, _, err = run([*argv, "--save-model", model, "--quiet", *FAST], capsys)
+    assert code == 0, err
+    result = ad.read_h5ad(out)
+    assert list(result.uns["spfa"]["views"]) == ["Gene Expression", "Antibody"]
+    assert result.uns["spfa"]["view_elbo_contribution"].shape == (2, 2)
+    code, text, err = run(["info", model], capsys)
+    assert code == 0 and "Gene Expression (24), Antibody (6)" in text, err
+    code, _, err = run(["fit", path, "-k", "2", "-o", out, *views, "-q"], capsys)
+    assert code != 0 and "--feature-groups" in err

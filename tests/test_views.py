@@ -195,7 +195,7 @@ def test_views_fit_recovers_each_views_mean(two_views):
     model = est.get_model()
     log_s = torch.log(torch.as_tensor(est.training_size_factors_, dtype=torch.float32))
     with torch.no_grad():
-        mean = model.fitted_mean(log_s[:, None]).numpy()
+        mean = model.fitted_mean(log_s).numpy()
     for view in ("rna", "adt"):
         at = sim.feature_groups == view
         error = np.linalg.norm(mean[:, at] - sim.mean[:, at]) / np.linalg.norm(sim.mean[:, at])
@@ -250,3 +250,93 @@ def test_views_bad_input():
     est.set_params(max_iter=5)
     with pytest.warns(ConvergenceWarning):  # not converged in 5 steps
         est.fit(negative, feature_groups=sim.feature_groups)
+
+
+def test_views_size_factors_per_view():
+    """Each count view's library sizes are its own; a Gaussian view's factor is 1; given
+    size factors (one per row, or per row and view) scale the count views only."""
+    sim = simulate_views(
+        n=60, views=(("rna", "poisson", 20), ("adt", "poisson", 6)), activity=((1,), (1,))
+    )
+    lik = {"rna": "poisson", "adt": "poisson"}
+    est = SparseFactorAnalysis(2, likelihood=lik, max_iter=50, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(sim.x, feature_groups=sim.feature_groups)
+        for v, view in enumerate(("rna", "adt")):
+            lib = sim.x[:, sim.feature_groups == view].sum(1)
+            np.testing.assert_allclose(
+                est.training_size_factors_[:, v], np.maximum(lib, 0.5) / lib.mean()
+            )
+        np.testing.assert_allclose(
+            est.library_size_mean_,
+            [sim.x[:, sim.feature_groups == v].sum(1).mean() for v in ("rna", "adt")],
+        )
+        # new rows on the training scale, view by view
+        _, s_new = est._data(sim.x[:5], None, likelihood=est._make_likelihood())
+        np.testing.assert_allclose(s_new, est.training_size_factors_[:5])
+        mixed = SparseFactorAnalysis(2, likelihood=LIKELIHOODS, max_iter=50, random_state=0)
+        given = np.linspace(0.5, 2.0, 60)
+        mixed.fit(sim.x, feature_groups=sim.feature_groups, size_factors=given)
+        np.testing.assert_allclose(mixed.training_size_factors_, np.c_[given, np.ones(60)])
+        per_view = np.c_[given, given[::-1]]
+        est.fit(sim.x, feature_groups=sim.feature_groups, size_factors=per_view)
+        np.testing.assert_allclose(est.training_size_factors_, per_view)
+    with pytest.raises(ValueError, match="one per view"):
+        est.fit(sim.x, feature_groups=sim.feature_groups, size_factors=np.ones((60, 3)))
+
+
+def test_views_on_anndata(two_views):
+    """spfa.anndata.fit takes the views from a column of adata.var and records them."""
+    anndata = pytest.importorskip("anndata")
+    import spfa.anndata
+
+    sim, est = two_views
+    adata = anndata.AnnData(sim.x)
+    adata.var["feature_types"] = np.where(
+        sim.feature_groups == "rna", "Gene Expression", "Antibody Capture"
+    )
+    lik = {"Gene Expression": "poisson", "Antibody Capture": "gaussian"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fitted = spfa.anndata.fit(
+            adata,
+            5,
+            likelihood=lik,
+            link="softplus",
+            feature_groups="feature_types",
+            max_iter=60,
+            random_state=0,
+            verbose=False,
+        )
+    info = adata.uns["spfa"]
+    assert info["views"] == ["Gene Expression", "Antibody Capture"]
+    assert info["view_elbo_contribution"].shape == (2, 5)
+    assert list(fitted.feature_groups_) == list(adata.var["feature_types"])
+    with pytest.raises(ValueError, match="no column"):
+        spfa.anndata.fit(adata, 5, likelihood=lik, feature_groups="modality", verbose=False)
+
+
+def test_views_posterior_summaries_and_tensorboard(tmp_path):
+    """The factors' posterior over every feature (intervals, top features) and each
+    view's prior per factor in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sim = simulate_views(
+        n=60, views=(("rna", "poisson", 20), ("adt", "gaussian", 6)), activity=((1,), (1,))
+    )
+    est = SparseFactorAnalysis(
+        2, likelihood=LIKELIHOODS, max_iter=60, random_state=0, log_dir=tmp_path
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(sim.x, feature_groups=sim.feature_groups)
+    post = est.factors_posterior()
+    lower, upper = post.interval(0.9)
+    assert lower.shape == (26, 2) and np.all(lower <= upper)
+    np.testing.assert_allclose(post.mean, est.components_.T, rtol=1e-5, atol=1e-6)
+    assert np.all((est.factors_pip_ >= 0) & (est.factors_pip_ <= 1))
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "prior/factors_pi/rna/0" in tags and "prior/factors_pi/adt/0" in tags

@@ -5,7 +5,8 @@ is itself a :class:`Likelihood`: every elementwise method cuts the feature axis
 into the views, asks each view's likelihood (with its own link and nuisance
 parameters, sized to its features) and joins the answers, so that the model, the
 start and the training loop need not know there are views. Size factors scale the
-views whose mean is positive (the count views); the others ignore them.
+views whose mean is positive (the count views), each view its own (``log_s`` is
+``[n, n_views]``, or ``[n, 1]`` shared by the views); the others ignore them.
 """
 
 from __future__ import annotations
@@ -134,8 +135,15 @@ class Views(Likelihood):
     def closed_form(self) -> bool:
         return all(lik.closed_form for lik in self.parts)
 
-    def _log_s(self, lik, log_s):
-        return log_s if lik.positive_mean else None
+    def _log_s(self, v: int, log_s, at=None):
+        """View ``v``'s log size factors from every view's: ``log_s`` is ``[n, n_views]``
+        (or ``[n, 1]``, shared) on a grid, ``[m, n_views]`` (or ``[m]``) at the entries
+        ``at`` of a list; None for a view whose mean they do not scale."""
+        if log_s is None or not self.parts[v].positive_mean:
+            return None
+        if at is not None:
+            return log_s[at, v] if log_s.dim() == 2 else log_s[at]
+        return log_s[..., v : v + 1] if log_s.shape[-1] > 1 else log_s
 
     # -- set-up -------------------------------------------------------------------
     def initialize(self, feature_mean, feature_var):
@@ -168,19 +176,18 @@ class Views(Likelihood):
             gs = [self.views.split(g) for g in grids]
             out = [
                 getattr(lik, method)(
-                    xs[v], *(g[v] for g in gs), self._log_s(lik, log_s), *extra, rows, None
+                    xs[v], *(g[v] for g in gs), self._log_s(v, log_s), *extra, rows, None
                 )
                 for v, lik in enumerate(self.parts)
             ]
             return self.views.join(out)
         shape = torch.broadcast_shapes(x.shape, *(g.shape for g in grids))
         out = x.new_empty(shape)
-        for lik, (at, local) in zip(self.parts, self.views.entry_views(cols), strict=True):
-            s = None if log_s is None else log_s[..., at]
-            part = getattr(lik, method)(
+        for v, (at, local) in enumerate(self.views.entry_views(cols)):
+            part = getattr(self.parts[v], method)(
                 x[..., at],
                 *(g[..., at] for g in grids),
-                self._log_s(lik, s),
+                self._log_s(v, log_s, at),
                 *extra,
                 None if rows is None else rows[at],
                 local,
@@ -201,7 +208,10 @@ class Views(Likelihood):
     def mean(self, eta, log_s=None):
         parts = self.views.split(eta)
         return self.views.join(
-            [lik.mean(e, self._log_s(lik, log_s)) for lik, e in zip(self.parts, parts, strict=True)]
+            [
+                lik.mean(e, self._log_s(v, log_s))
+                for v, (lik, e) in enumerate(zip(self.parts, parts, strict=True))
+            ]
         )
 
     def log_mean(self, eta, log_s):
