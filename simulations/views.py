@@ -95,7 +95,7 @@ def fit_spfa(sim, design):
     seconds = time.perf_counter() - t0
     log_s = torch.log(torch.as_tensor(est.training_size_factors_, dtype=torch.float32))
     with torch.no_grad():
-        mean = est.get_model().fitted_mean(log_s[:, None]).cpu().numpy()
+        mean = est.get_model().fitted_mean(log_s).cpu().numpy()
     kept = est.active_components_
     shares = _shares(est.view_elbo_contribution_[:, kept])
     order = [list(est.view_names_).index(name) for name, _, _ in design]
@@ -211,7 +211,7 @@ def plot(results, first, path: Path) -> None:
             ax.imshow(values, cmap="Greys", vmin=0, aspect="auto")
             ax.set_yticks([0, 1], ["rna", "adt"])
             ax.set_xticks(range(values.shape[1]), [str(t) for t in range(values.shape[1])])
-            ax.set(xlabel="true factor", title=f"{name}: {title}")
+            ax.set(xlabel="true factor", title=f"{name}\n{title}")
         s = results[name]["summary"]
         x = np.arange(2)
         axes[i, 3].bar(x - 0.2, [s["spfa_rna_error"], s["spfa_adt_error"]], 0.4, label="spfa")
