@@ -6,6 +6,7 @@ import json
 import sys
 
 import numpy as np
+import pytest
 
 from simulations import benchmark, choose_k, figures, real_data, sanity_checks, scale, speed
 
@@ -162,3 +163,16 @@ def test_batch_effect_smoke(tmp_path, capsys):
     assert rows[0]["batch_coef_corr"] >= 0.9
     assert (tmp_path / "batch_effect.png").stat().st_size > 0
     assert "batch effects recovered" in capsys.readouterr().out
+
+
+def test_views_smoke(tmp_path, capsys):
+    pytest.importorskip("mofapy2")
+    from simulations import views
+
+    results = views.main(["--n-reps", "1", "--out", str(tmp_path)])
+    for design in results.values():
+        summary = design["summary"]
+        assert summary["auroc"]["spfa"] >= 0.9
+        assert summary["rna_ratio"] <= 0.85
+    assert (tmp_path / "views.png").stat().st_size > 0
+    assert "| gaussian_adt | adt |" in capsys.readouterr().out
