@@ -238,7 +238,7 @@ def check_data(estimator, X, *, reset: bool, likelihood):
         X = _as_counts(X)
         values = X.data if sp.issparse(X) else X
     if getattr(likelihood, "views", None) is not None:
-        X = _check_view_counts(X, likelihood)
+        X = check_view_counts(X, likelihood)
         values = X.data if sp.issparse(X) else X
     everything_stored = not sp.issparse(X) or X.nnz == X.shape[0] * X.shape[1]
     if everything_stored and _all_nan(values):
@@ -309,7 +309,7 @@ def check_backed(estimator, X: BackedRows, *, reset: bool, likelihood) -> Backed
     return X
 
 
-def _check_view_counts(X, likelihood):
+def check_view_counts(X, likelihood):
     """A multi-view likelihood's count views: the count checks (:func:`check_count_values`)
     on their features' values, and their near-integers rounded (a copy where any is)."""
     views = likelihood.views
@@ -464,6 +464,14 @@ def library_sizes(X, features: np.ndarray | None = None) -> np.ndarray:
     return np.where(observed > 0, total * p / np.maximum(observed, 1), 0.0)
 
 
+def view_size_factors(s: np.ndarray, likelihood) -> np.ndarray:
+    """A multi-view fit's size factors, ``(n, n_views)``, from given ones (one per row,
+    for every count view, or one per row and view): 1 for the views whose mean they do
+    not scale (Gaussian)."""
+    scaled = np.array([lik.positive_mean for lik in likelihood.parts])
+    return np.where(scaled, s if s.ndim == 2 else s[:, None], 1.0)
+
+
 def view_library_sizes(X, likelihood) -> np.ndarray:
     """:func:`library_sizes`; for a multi-view likelihood each count view's own, ``(n,
     n_views)`` (1 for the views whose mean size factors do not scale)."""
@@ -510,9 +518,8 @@ def default_size_factors(X, s, likelihood, library_size: bool, reference=None):
     (against ``reference``) when the estimator computes them for a count likelihood;
     otherwise None. Returns ``(s, reference or None)``."""
     views = getattr(likelihood, "views", None)
-    if views is not None and s is not None:  # one per row and view; 1 where unused
-        scaled = np.array([lik.positive_mean for lik in likelihood.parts])
-        return np.where(scaled, s if s.ndim == 2 else s[:, None], 1.0), None
+    if views is not None and s is not None:
+        return view_size_factors(s, likelihood), None
     if s is not None or not library_size or not likelihood.positive_mean:
         return s, None
     if reference is not None and views is not None:

@@ -367,6 +367,8 @@ def transform(
     columns = _columns(adata, estimator)
     whole = np.array_equal(columns, np.arange(adata.n_vars))
     X = _rows(layer_matrix(adata, layer), None if whole else columns)
+    if isinstance(X, BackedRows) and getattr(estimator, "feature_groups_", None) is not None:
+        X = X.read(0, X.shape[0])  # a multi-view fit holds its rows in memory
     with warnings.catch_warnings():
         # the genes were matched by name above; the array itself carries none
         warnings.filterwarnings("ignore", message="X does not have valid feature names")

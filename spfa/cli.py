@@ -56,12 +56,12 @@ def _estimator_options(parser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--likelihood",
-        nargs="+",
-        default=["poisson"],
+        action="append",
+        default=None,
         metavar="NAME",
-        help=f"one of {', '.join(sorted(LIKELIHOODS))}; or, with --feature-groups, one "
-        "VIEW=NAME per view (e.g. 'Gene Expression=negative_binomial' "
-        "'Antibody Capture=gaussian')",
+        help=f"one of {', '.join(sorted(LIKELIHOODS))} (default poisson); or, with "
+        "--feature-groups, VIEW=NAME once per view (e.g. --likelihood 'Gene "
+        "Expression=negative_binomial' --likelihood 'Antibody Capture=gaussian')",
     )
     group.add_argument("--prior", default="point_normal", choices=sorted(PRIORS))
     group.add_argument("--max-iter", type=int, default=3000, help="passes over the data")
@@ -179,11 +179,13 @@ def _likelihood(args):
     """``--likelihood``: one name, or ``VIEW=NAME`` per view (a multi-view fit)."""
     from .likelihoods import LIKELIHOODS
 
-    given = list(args.likelihood)
+    given = list(args.likelihood or ["poisson"])
     views = getattr(args, "feature_groups", None) is not None
     if not views:
         if len(given) != 1 or "=" in given[0]:
-            raise CommandError("--likelihood takes one name (VIEW=NAME needs --feature-groups)")
+            raise CommandError(
+                "--likelihood takes one name (VIEW=NAME, once per view, needs --feature-groups)"
+            )
         out = {"": given[0]}
     else:
         pairs = [item.partition("=") for item in given]

@@ -27,6 +27,7 @@ from ._validation import (
     library_size_factors,
     resolve_device,
     view_library_sizes,
+    view_size_factors,
     warn_missing_size_factors,
 )
 from .distributed import SINGLE, current_group
@@ -44,7 +45,9 @@ __all__ = ["SparseFactorAnalysis"]
 MAX_LEARNING_RATE = 1e3
 
 
-def _check_ranks_agree(group, n_features: int, s, C, settings, structure: dict) -> None:
+def _check_ranks_agree(
+    group, n_features: int, s, C, settings, structure: dict, likelihood=None
+) -> None:
     """A data-parallel fit's ranks must fit the same features with the same model, and
     all give (or all not give) size factors and covariates: otherwise their collectives
     would not line up. A ValueError on every rank naming the first disagreement."""
@@ -59,6 +62,7 @@ def _check_ranks_agree(group, n_features: int, s, C, settings, structure: dict) 
         ("whether size_factors are given", int(s is not None)),
         ("the number of covariates", 0 if C is None else C.shape[1]),
         ("the model's parameters (likelihood, link, prior, ...)", zlib.crc32(params.encode())),
+        ("feature_groups", zlib.crc32("\x00".join(_groups(likelihood)).encode())),
     )
     lows, highs = group.bounds([v for _, v in checks])
     for (what, _), a, b in zip(checks, lows, highs, strict=True):
@@ -68,6 +72,11 @@ def _check_ranks_agree(group, n_features: int, s, C, settings, structure: dict) 
                 "the same features with the same parameters, and give size_factors and "
                 "covariates alike"
             )
+
+
+def _groups(likelihood) -> list[str]:
+    views = getattr(likelihood, "views", None)
+    return [] if views is None else views.groups.tolist()
 
 
 class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -279,9 +288,10 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                 "them; refit, or set them back"
             )
 
-    def _make_likelihood(self, feature_groups=None):
+    def _make_likelihood(self, feature_groups=None, fitting=False):
         """The likelihood; for a likelihood per view (a dict), over the views of
-        ``feature_groups`` (in ``fit``) or of the fitted ``feature_groups_``."""
+        ``feature_groups`` (in ``fit``: ``fitting=True``, where they must be given) or of
+        the fitted ``feature_groups_``."""
         if not isinstance(self.likelihood, Mapping):
             if feature_groups is not None:
                 raise ValueError(
@@ -289,7 +299,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                     "{view: likelihood} for a multi-view fit"
                 )
             return get_likelihood(self.likelihood, self.link)
-        if feature_groups is None:
+        if feature_groups is None and not fitting:
             feature_groups = getattr(self, "feature_groups_", None)
         if feature_groups is None:
             raise ValueError(
@@ -335,7 +345,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             return X_, s_, check_covariates(covariates, X_.shape[0])
 
         X, s, C = group.agree(validated)
-        _check_ranks_agree(group, X.shape[1], s, C, settings, self._structure())
+        _check_ranks_agree(group, X.shape[1], s, C, settings, self._structure(), likelihood)
         library = s is None and self.library_size and likelihood.positive_mean
         if group.parallel and library:  # against every rank's mean
             lib = view_library_sizes(X, likelihood)
@@ -441,7 +451,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     ) -> fitting.Fit:
         group = current_group()
         settings = self._settings(group=group)
-        likelihood = self._make_likelihood(feature_groups)
+        likelihood = self._make_likelihood(feature_groups, fitting=True)
         clear_fitted(self)  # a refit (e.g. with another prior) leaves nothing stale
         X, s, C = self._fit_data(X, size_factors, covariates, likelihood, settings)
         n_rows = int(group.sum(X.shape[0]))  # every rank's
@@ -553,6 +563,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         model = self.get_model()
         n_draws = check_positive_int(n_draws, "n_draws")
         s = check_size_factors(size_factors, model.loadings.m, model.likelihood)
+        if s is not None and getattr(model.likelihood, "views", None) is not None:
+            s = view_size_factors(s, model.likelihood)
         s = self.training_size_factors_ if s is None else s
         fitted = getattr(self, "n_covariates_", 0)
         C = getattr(self, "training_covariates_", None)

@@ -508,6 +508,8 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None, covaria
     group.broadcast_(global_state(model).values())
     # and the optimiser's units, which a given start sets from each rank's rows
     likelihood.data_unit = group.first(likelihood.data_unit)
+    for part in getattr(likelihood, "parts", ()):  # a multi-view fit's: each view's
+        part.data_unit = group.first(part.data_unit)
     # Monte Carlo draws of their own on each rank (rank 0's are one process's)
     gen = settings.generator(rng.randint(2**31 - 1) + group.rank)
     data = settings.batches(X, s, likelihood, seed=rng.randint(2**31 - 1), covariates=covariates)

@@ -29,8 +29,13 @@ from sklearn.base import clone
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from ._validation import check_count_values, check_positive_int, check_size_factors, check_values
-from .likelihoods import get_likelihood
+from ._validation import (
+    check_count_values,
+    check_positive_int,
+    check_size_factors,
+    check_values,
+    check_view_counts,
+)
 
 __all__ = ["mask_entries", "thin_counts", "heldout_log_likelihood", "heldout_score"]
 
@@ -200,6 +205,8 @@ def heldout_log_likelihood(
     n, p = model.loadings.m, estimator.n_features_in_
     X = sp.csr_matrix(X) if sp.issparse(X) else _dense(X)  # sparse: no copy, own dtype
     check_values(X.data if sp.issparse(X) else X, model.likelihood)
+    if getattr(model.likelihood, "views", None) is not None:  # each count view's counts
+        check_view_counts(X, model.likelihood)
     if X.shape != (n, p):
         raise ValueError(
             f"X has shape {X.shape}; heldout_log_likelihood scores the training rows, ({n}, {p})"
@@ -286,6 +293,7 @@ def heldout_score(
     fraction=0.1,
     size_factors=None,
     covariates=None,
+    feature_groups=None,
     n_draws=100,
     random_state=0,
 ):
@@ -302,6 +310,9 @@ def heldout_score(
     size_factors : array-like of shape (n_samples,), default=None
     covariates : array-like of shape (n_samples, c), default=None
         Known covariates of the rows (see ``SparseFactorAnalysis.fit``).
+    feature_groups : array-like of shape (n_features,), default=None
+        Each feature's view, for a multi-view ``estimator`` (see
+        ``SparseFactorAnalysis.fit``); ``method="thin"`` needs every view to be counts.
     n_draws : int, default=100
         Posterior draws for the predictive density.
     random_state : int, default=0
@@ -316,16 +327,18 @@ def heldout_score(
     """
     if method not in ("mask", "thin"):
         raise ValueError(f"method must be 'mask' or 'thin', got {method!r}")
-    if (
-        method == "thin"
-        and not get_likelihood(estimator.likelihood, estimator.link).integer_support
-    ):
-        raise ValueError("method='thin' splits counts; use method='mask' for a Gaussian fit")
+    likelihood = estimator._make_likelihood(feature_groups, fitting=True)
+    parts = getattr(likelihood, "parts", [likelihood])
+    if method == "thin" and not all(lik.integer_support for lik in parts):
+        raise ValueError(
+            "method='thin' splits counts; use method='mask' for a Gaussian fit or view"
+        )
     fitted = clone(estimator)
     s = None if size_factors is None else np.asarray(size_factors, dtype=np.float64)
+    views = {} if feature_groups is None else {"feature_groups": feature_groups}
     if method == "mask":
         x_train, heldout = mask_entries(X, fraction, random_state)
-        fitted.fit(x_train, size_factors=s, covariates=covariates)
+        fitted.fit(x_train, size_factors=s, covariates=covariates, **views)
         score = heldout_log_likelihood(
             fitted,
             X,
@@ -336,7 +349,7 @@ def heldout_score(
         )
     else:
         x_train, x_test = thin_counts(X, fraction, random_state)
-        fitted.fit(x_train, size_factors=s, covariates=covariates)
+        fitted.fit(x_train, size_factors=s, covariates=covariates, **views)
         base = fitted.training_size_factors_  # given, or the training half's libraries
         base = np.ones(x_test.shape[0]) if base is None else base
         score = heldout_log_likelihood(

@@ -50,6 +50,7 @@ def choose_k(
     fraction=0.5,
     size_factors=None,
     covariates=None,
+    feature_groups=None,
     tolerance=0.1,
     n_draws=100,
     random_state=0,
@@ -71,6 +72,8 @@ def choose_k(
     size_factors : array-like of shape (n_samples,), default=None
     covariates : array-like of shape (n_samples, c), default=None
         Known covariates of the rows, fitted beside the factors at every ``k``.
+    feature_groups : array-like of shape (n_features,), default=None
+        Each feature's view, for a multi-view ``estimator``.
     tolerance : float in [0, 1), default=0.1
         The choice is the smallest ``k`` whose score is at least
         ``best - tolerance * (best - score of the smallest k)``.
@@ -99,6 +102,7 @@ def choose_k(
             fraction=fraction,
             size_factors=size_factors,
             covariates=covariates,
+            feature_groups=feature_groups,
             n_draws=n_draws,
             random_state=random_state,
         )

@@ -246,7 +246,12 @@ def test_fit_views_from_a_var_column(tmp_path, capsys):
     adata.var["feature_types"] = np.where(np.arange(30) < 24, "Gene Expression", "Antibody")
     path, out, model = tmp_path / "in.h5ad", tmp_path / "out.h5ad", tmp_path / "model.pt"
     adata.write_h5ad(path)
-    views = ["--likelihood", "Gene Expression=poisson", "Antibody=negative_binomial"]
+    views = [
+        "--likelihood",
+        "Gene Expression=poisson",
+        "--likelihood",
+        "Antibody=negative_binomial",
+    ]
     argv = ["fit", path, "-k", "2", "-o", out, "--feature-groups", "feature_types", *views]
     code, _, err = run([*argv, "--save-model", model, "--quiet", *FAST], capsys)
     assert code == 0, err

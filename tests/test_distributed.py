@@ -323,3 +323,34 @@ def test_covariate_effects_are_shared_by_the_ranks():
     planted = sim.batch_coef - sim.batch_coef.mean(1, keepdims=True)
     fitted = b0 - b0.mean(1, keepdims=True)
     assert np.corrcoef(planted.ravel(), fitted.ravel())[0, 1] >= 0.9
+
+
+def _views_at_other_scales(groups_on_rank_1=None):
+    """Two views on each rank, the Gaussian view in other units on rank 1, from a given
+    start: each view's optimiser unit is rank 0's."""
+    group = current_group()
+    rng = np.random.default_rng(group.rank)
+    x = rng.poisson(2.0, size=(60, 12)).astype(float)  # counts: valid in either view
+    x[:, 8:] *= 1.0 if group.rank == 0 else 30.0
+    groups = np.array(["rna"] * 8 + ["adt"] * 4)
+    if group.rank == 1 and groups_on_rank_1 is not None:
+        groups = np.asarray(groups_on_rank_1)
+    start = (rng.normal(size=(60, 2)), np.random.default_rng(9).normal(size=(12, 2)))
+    est = SparseFactorAnalysis(
+        2, likelihood={"rna": "poisson", "adt": "gaussian"}, max_iter=30, random_state=0
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            est.fit(x, feature_groups=groups, init_loadings=start[0], init_factors=start[1])
+        except ValueError as err:
+            return str(err)
+    return est.components_
+
+
+def test_views_leave_the_ranks_identical_and_must_agree_on_the_groups():
+    r0, r1 = run_on_ranks(_views_at_other_scales, 2)
+    np.testing.assert_array_equal(r0, r1)
+    other = ["adt"] * 4 + ["rna"] * 8  # the same view sizes, other features
+    for msg in run_on_ranks(_views_at_other_scales, 2, other):
+        assert "disagree on feature_groups" in msg

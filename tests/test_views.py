@@ -340,3 +340,74 @@ def test_views_posterior_summaries_and_tensorboard(tmp_path):
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert "prior/factors_pi/rna/0" in tags and "prior/factors_pi/adt/0" in tags
+
+
+def test_views_review_fixes(two_views, tmp_path):
+    """Size factors given to sample() leave a Gaussian view unscaled; a refit needs its
+    own feature_groups; the active buffer is saved once; held-out scores check each count
+    view's counts."""
+    from spfa.heldout import heldout_log_likelihood, heldout_score
+
+    sim, est = two_views
+    adt = sim.feature_groups == "adt"
+    base = est.sample(5, random_state=0)[:, :, adt]
+    scaled = est.sample(5, size_factors=np.full(200, 10.0), random_state=0)[:, :, adt]
+    assert abs(scaled.mean() - base.mean()) < 0.1  # tenfold before the fix
+    assert abs(scaled.std() - base.std()) < 0.1
+    refit = SparseFactorAnalysis(5, likelihood=LIKELIHOODS, max_iter=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        refit.fit(sim.x, feature_groups=sim.feature_groups)
+    with pytest.raises(ValueError, match="feature_groups"):
+        refit.fit(sim.x)
+    state = est.get_model().state_dict()
+    assert "factors.active" in state and not any(".parts." in k and "active" in k for k in state)
+    model = est.get_model()
+    state["factors.active"] = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0])
+    model.load_state_dict(state)
+    assert [float(p.active[1]) for p in model.factors.parts] == [0.0, 0.0]
+    bad = sim.x.copy()
+    bad[0, 0] = -3.0  # an rna (count) feature
+    with pytest.raises(ValueError, match="Negative"):
+        heldout_log_likelihood(est, bad)
+    with pytest.raises(ValueError, match="method='mask'"):
+        heldout_score(est, sim.x, method="thin", feature_groups=sim.feature_groups)
+    template = SparseFactorAnalysis(3, likelihood=LIKELIHOODS, max_iter=40, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        score, fitted = heldout_score(
+            template, sim.x, method="mask", feature_groups=sim.feature_groups, n_draws=5
+        )
+    assert np.isfinite(score) and fitted.view_elbo_contribution_.shape == (2, 3)
+
+
+def test_views_nuisance_of_other_shapes_and_save(tmp_path):
+    """A view likelihood with per-sample and low-rank dispersion parameters: per-feature
+    arrays on all features, the rest under the view's number; the fit saves and loads."""
+    sim = simulate_views(
+        n=40, views=(("rna", "poisson", 12), ("adt", "gaussian", 4)), activity=((1,), (1,))
+    )
+    lik = {"rna": "negative_binomial_full", "adt": "gaussian"}
+    est = SparseFactorAnalysis(2, likelihood=lik, max_iter=20, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(sim.x, feature_groups=sim.feature_groups)
+    assert est.noise_variance_.shape == (16,)
+    extra = [name for name in vars(est) if name.endswith("_view0_")]
+    assert extra, "the count view's per-sample dispersion factors"
+    path = tmp_path / "nb.spfa"
+    est.save(path)
+    loaded = SparseFactorAnalysis.load(path)
+    np.testing.assert_array_equal(loaded.components_, est.components_)
+
+
+def test_views_anndata_transform_from_disk(two_views, tmp_path):
+    anndata = pytest.importorskip("anndata")
+    import spfa.anndata
+
+    sim, est = two_views
+    adata = anndata.AnnData(sim.x[:20])
+    adata.write_h5ad(tmp_path / "new.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "new.h5ad", backed="r")
+    loadings = spfa.anndata.transform(backed, est)
+    np.testing.assert_allclose(loadings, est.transform(sim.x[:20]), rtol=1e-4, atol=1e-4)

@@ -224,17 +224,19 @@ class Views(Likelihood):
         )
 
     def fitted_attributes(self) -> dict:
-        """Each view's fitted nuisance parameters: per-feature ones on all ``p`` features
-        (NaN on the views without that parameter), others as ``{view: value}``."""
+        """Each view's fitted nuisance parameters: those with one row per feature on all
+        ``p`` features (``(p, ...)``, NaN on the views without that parameter); others
+        (scalars, per-sample ones) as ``<name>_view<v>_``, ``v`` the view's number."""
         p = self.views.n_features
         out: dict = {}
-        for name, lik, idx in zip(self.views.names, self.parts, self.views.index, strict=True):
+        for v, (lik, idx) in enumerate(zip(self.parts, self.views.index, strict=True)):
             for key, value in lik.fitted_attributes().items():
-                value = np.asarray(value)
-                if value.shape == (idx.size,):
-                    out.setdefault(key, np.full(p, np.nan))[idx] = value
+                value = np.asarray(value, dtype=float)
+                if value.ndim and value.shape[0] == idx.size and "row" not in key:
+                    whole = out.setdefault(key, np.full((p,) + value.shape[1:], np.nan))
+                    whole[idx] = value
                 else:
-                    out.setdefault(key.rstrip("_") + "_by_view_", {})[name] = value
+                    out[f"{key.rstrip('_')}_view{v}_"] = value
         return out
 
     def extra_repr(self) -> str:

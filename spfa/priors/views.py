@@ -47,6 +47,9 @@ class ViewFamily(PriorFamily):
         """Every view's family switches factors with the one ``active`` buffer."""
         for part in self.parts:
             part._buffers["active"] = self.active
+            # saved once, as the family's own ``active`` (a copy per view would be
+            # loaded after it, over it)
+            part._non_persistent_buffers_set.add("active")
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
