@@ -99,11 +99,13 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         (spike-and-slab), ``"point_exponential"`` (point mass plus exponential:
         non-negative, parts-based) or ``"normal_mixture"`` (adaptive
         shrinkage: a scale mixture of normals, no exact zeros).
-    likelihood : str or Likelihood, default="poisson"
-        A name in :data:`spfa.likelihoods.LIKELIHOODS` or an instance.
-    link : {"exp", "softplus", "sigmoid"} or Link, default="exp"
+    likelihood : str, Likelihood or dict, default="poisson"
+        A name in :data:`spfa.likelihoods.LIKELIHOODS` or an instance; or one per view,
+        ``{view: name}``, for a multi-view fit (``fit(X, feature_groups=g)``).
+    link : {"exp", "softplus", "sigmoid"}, Link or dict, default="exp"
         Link ``h`` of the count likelihoods; the Gaussian uses the identity.
-        Under ``"exp"`` the Poisson ELBO is exact (no Monte Carlo noise).
+        Under ``"exp"`` the Poisson ELBO is exact (no Monte Carlo noise). A dict gives
+        each view its own (views it leaves out take ``"exp"``).
     expectation : {"mc", "quadrature"}, default="mc"
         ``E_q[log p(x | eta)]`` by Monte Carlo draws (local
         reparameterisation) or Gauss--Hermite quadrature (:mod:`spfa.expectation`).
@@ -167,6 +169,15 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         Each covariate's learned prior sd of its effects.
     n_covariates_ : int
         The number of covariates (0 without).
+    view_names_, feature_groups_ : ndarray of str, shape (n_views,) and (n_features,)
+        A multi-view fit's views, and each feature's.
+    view_elbo_contribution_ : ndarray of shape (n_views, n_components)
+        A multi-view fit's ELBO contribution of each factor in each view: what the view's
+        expected log-likelihood, less its factors' KL, loses without the factor (0 for a
+        pruned factor). ``factors_prior_<key>_`` are then ``(n_components, n_views)``,
+        ``training_size_factors_`` ``(n_samples, n_views)`` (each count view's library
+        sizes; 1 for the others), and per-feature nuisance parameters are NaN on the
+        views without them.
     training_covariates_ : ndarray of shape (n_samples, n_covariates) or None
     training_size_factors_ : ndarray of shape (n_samples,) or None
     library_size_mean_ : float or None
