@@ -181,6 +181,8 @@ def _likelihood(args):
 
     given = list(args.likelihood or ["poisson"])
     views = getattr(args, "feature_groups", None) is not None
+    if not hasattr(args, "feature_groups") and (len(given) != 1 or "=" in given[0]):
+        raise CommandError(f"spfa {args.command} fits one likelihood: give --likelihood once")
     if not views:
         if len(given) != 1 or "=" in given[0]:
             raise CommandError(
@@ -192,6 +194,8 @@ def _likelihood(args):
         if not all(sep and view and name for view, sep, name in pairs):
             raise CommandError("with --feature-groups, --likelihood takes VIEW=NAME per view")
         out = {view: name for view, _, name in pairs}
+        if len(out) != len(pairs):
+            raise CommandError("--likelihood names a view twice")
     for name in out.values():
         if name not in LIKELIHOODS:
             raise CommandError(

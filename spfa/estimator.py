@@ -462,7 +462,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     ) -> fitting.Fit:
         group = current_group()
         settings = self._settings(group=group)
-        likelihood = self._make_likelihood(feature_groups, fitting=True)
+        # every rank raises if any rank's views are bad (none waits in a collective)
+        likelihood = group.agree(lambda: self._make_likelihood(feature_groups, fitting=True))
         clear_fitted(self)  # a refit (e.g. with another prior) leaves nothing stale
         X, s, C = self._fit_data(X, size_factors, covariates, likelihood, settings)
         n_rows = int(group.sum(X.shape[0]))  # every rank's

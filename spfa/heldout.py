@@ -205,12 +205,12 @@ def heldout_log_likelihood(
     n, p = model.loadings.m, estimator.n_features_in_
     X = sp.csr_matrix(X) if sp.issparse(X) else _dense(X)  # sparse: no copy, own dtype
     check_values(X.data if sp.issparse(X) else X, model.likelihood)
-    if getattr(model.likelihood, "views", None) is not None:  # each count view's counts
-        check_view_counts(X, model.likelihood)
     if X.shape != (n, p):
         raise ValueError(
             f"X has shape {X.shape}; heldout_log_likelihood scores the training rows, ({n}, {p})"
         )
+    if getattr(model.likelihood, "views", None) is not None:  # each count view's counts
+        check_view_counts(X, model.likelihood)
     if entries is not None:
         if sp.issparse(entries):
             entries = sp.csr_matrix(entries, dtype=bool)

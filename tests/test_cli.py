@@ -262,3 +262,8 @@ def test_fit_views_from_a_var_column(tmp_path, capsys):
     assert code == 0 and "Gene Expression (24), Antibody (6)" in text, err
     code, _, err = run(["fit", path, "-k", "2", "-o", out, *views, "-q"], capsys)
     assert code != 0 and "--feature-groups" in err
+    twice = ["--likelihood", "Antibody=poisson", "--likelihood", "Antibody=gaussian"]
+    code, _, err = run([*argv[:-4], *twice, "-q"], capsys)
+    assert code != 0 and "names a view twice" in err
+    code, _, err = run(["choose-k", path, "--candidates", "1", "2", *views, "-q"], capsys)
+    assert code != 0 and "fits one likelihood" in err

@@ -354,3 +354,20 @@ def test_views_leave_the_ranks_identical_and_must_agree_on_the_groups():
     other = ["adt"] * 4 + ["rna"] * 8  # the same view sizes, other features
     for msg in run_on_ranks(_views_at_other_scales, 2, other):
         assert "disagree on feature_groups" in msg
+
+
+def _views_without_groups_on_rank_1():
+    group = current_group()
+    x = np.random.default_rng(group.rank).poisson(1.0, size=(30, 6)).astype(float)
+    groups = None if group.rank == 1 else np.array(["a"] * 3 + ["b"] * 3)
+    est = SparseFactorAnalysis(2, likelihood={"a": "poisson", "b": "poisson"}, max_iter=5)
+    try:
+        est.fit(x, feature_groups=groups)
+    except ValueError as err:
+        return str(err)
+    return "fitted"
+
+
+def test_a_rank_without_feature_groups_stops_every_rank():
+    r0, r1 = run_on_ranks(_views_without_groups_on_rank_1, 2, timeout=60)
+    assert "another rank" in r0 and "feature_groups" in r1

@@ -411,3 +411,31 @@ def test_views_anndata_transform_from_disk(two_views, tmp_path):
     backed = anndata.read_h5ad(tmp_path / "new.h5ad", backed="r")
     loadings = spfa.anndata.transform(backed, est)
     np.testing.assert_allclose(loadings, est.transform(sim.x[:20]), rtol=1e-4, atol=1e-4)
+
+
+def test_views_second_review_fixes(two_views):
+    """Per-feature nuisance parameters of other trailing shapes in two views are kept per
+    view; states holding a copy of ``active`` per view still load; a mis-shaped X gets the
+    shape message."""
+    from spfa.heldout import heldout_log_likelihood
+    from spfa.likelihoods import NegativeBinomial
+
+    sim = simulate_views(
+        n=40, views=(("a", "poisson", 5), ("b", "poisson", 4)), activity=((1,), (1,))
+    )
+    lik = {
+        "a": NegativeBinomial(dispersion="full", dispersion_rank=1),
+        "b": NegativeBinomial(dispersion="full", dispersion_rank=2),
+    }
+    est = SparseFactorAnalysis(2, likelihood=lik, max_iter=10, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(sim.x, feature_groups=sim.feature_groups)
+    assert np.isfinite(est.elbo_)
+    _, fitted = two_views
+    model = fitted.get_model()
+    state = model.state_dict()
+    state.update({f"factors.parts.{v}.active": state["factors.active"] for v in (0, 1)})
+    model.load_state_dict(state)  # strict: the legacy keys are taken, not unexpected
+    with pytest.raises(ValueError, match="scores the training rows"):
+        heldout_log_likelihood(fitted, sim.x[:, :10])

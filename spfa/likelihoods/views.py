@@ -232,9 +232,10 @@ class Views(Likelihood):
         for v, (lik, idx) in enumerate(zip(self.parts, self.views.index, strict=True)):
             for key, value in lik.fitted_attributes().items():
                 value = np.asarray(value, dtype=float)
-                if value.ndim and value.shape[0] == idx.size and "row" not in key:
-                    whole = out.setdefault(key, np.full((p,) + value.shape[1:], np.nan))
-                    whole[idx] = value
+                shape = (p,) + value.shape[1:]
+                per_feature = value.ndim and value.shape[0] == idx.size and "row" not in key
+                if per_feature and out.get(key, np.empty(shape)).shape == shape:
+                    out.setdefault(key, np.full(shape, np.nan))[idx] = value
                 else:
                     out[f"{key.rstrip('_')}_view{v}_"] = value
         return out

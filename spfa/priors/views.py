@@ -51,6 +51,12 @@ class ViewFamily(PriorFamily):
             # loaded after it, over it)
             part._non_persistent_buffers_set.add("active")
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # states saved before the views' ``active`` was saved once held a copy per view
+        for v in range(len(self.parts)):
+            state_dict.pop(f"{prefix}parts.{v}.active", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self._share_active()  # moving to a device made one copy per module
