@@ -210,7 +210,7 @@ def check_data(estimator, X, *, reset: bool, likelihood):
         :class:`~spfa.backed.BackedRows`, checked block by block (:func:`check_backed`).
     """
     if is_backed(X):
-        if getattr(likelihood, "views", None) is not None:
+        if likelihood.views is not None:
             raise ValueError("a multi-view fit takes X in memory, not rows on disk")
         return check_backed(estimator, as_backed_rows(X), reset=reset, likelihood=likelihood)
     X = validate_data(
@@ -237,7 +237,7 @@ def check_data(estimator, X, *, reset: bool, likelihood):
     if likelihood.integer_support:
         X = _as_counts(X)
         values = X.data if sp.issparse(X) else X
-    if getattr(likelihood, "views", None) is not None:
+    if likelihood.views is not None:
         X = check_view_counts(X, likelihood)
         values = X.data if sp.issparse(X) else X
     everything_stored = not sp.issparse(X) or X.nnz == X.shape[0] * X.shape[1]
@@ -475,7 +475,7 @@ def view_size_factors(s: np.ndarray, likelihood) -> np.ndarray:
 def view_library_sizes(X, likelihood) -> np.ndarray:
     """:func:`library_sizes`; for a multi-view likelihood each count view's own, ``(n,
     n_views)`` (1 for the views whose mean size factors do not scale)."""
-    views = getattr(likelihood, "views", None)
+    views = likelihood.views
     if views is None:
         return library_sizes(X)
     columns = [
@@ -517,7 +517,7 @@ def default_size_factors(X, s, likelihood, library_size: bool, reference=None):
     """The size factors a fit or new rows use: ``s`` when given; library sizes
     (against ``reference``) when the estimator computes them for a count likelihood;
     otherwise None. Returns ``(s, reference or None)``."""
-    views = getattr(likelihood, "views", None)
+    views = likelihood.views
     if views is not None and s is not None:
         return view_size_factors(s, likelihood), None
     if s is not None or not library_size or not likelihood.positive_mean:

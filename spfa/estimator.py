@@ -575,7 +575,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         model = self.get_model()
         n_draws = check_positive_int(n_draws, "n_draws")
         s = check_size_factors(size_factors, model.loadings.m, model.likelihood)
-        if s is not None and getattr(model.likelihood, "views", None) is not None:
+        if s is not None and model.likelihood.views is not None:
             s = view_size_factors(s, model.likelihood)
         s = self.training_size_factors_ if s is None else s
         fitted = getattr(self, "n_covariates_", 0)

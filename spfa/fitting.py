@@ -462,7 +462,7 @@ def _step_groups(model, params) -> list[dict]:
     units = [p for p in params if id(p) in located and names.get(id(p)) not in LOG_SCALE_NAMES]
     rest = [p for p in params if names.get(id(p)) not in LOG_SCALE_NAMES and id(p) not in located]
     groups = [{"params": rest}, {"params": log_scale, "lr_scale": LOG_SCALE_STEP}]
-    views = getattr(model.likelihood, "views", None)
+    views = model.likelihood.views
     if views is not None:  # each view's factors step in that view's units
         for part, lik in zip(model.factors.parts, model.likelihood.parts, strict=True):
             own = {id(p) for p in part.location_parameters()}
@@ -539,7 +539,7 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None, covaria
         again = _train_on_after_pruning(fit, objective, data, settings, monitor)
     finally:
         monitor.close()
-    if getattr(likelihood, "views", None) is not None:
+    if likelihood.views is not None:
         fit.view_contribution = view_contribution(model, paired_elbo(data, model, settings))
     # per-window priors were recorded in the order of their phase; report them in the final one
     for key, windows in monitor.prior_history.items():
@@ -822,7 +822,7 @@ def fit_attributes(fit: Fit, X, group: Group = SINGLE) -> dict:
     out = fitted_attributes(fit.model)
     out["state_dict_"] = {k: v.detach().cpu().clone() for k, v in fit.model.state_dict().items()}
     out["elbo_contribution_"] = fit.contribution
-    views = getattr(fit.model.likelihood, "views", None)
+    views = fit.model.likelihood.views
     if views is not None:
         out["view_elbo_contribution_"] = fit.view_contribution
         out["view_names_"] = np.asarray(views.names, dtype=str)

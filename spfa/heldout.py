@@ -209,7 +209,7 @@ def heldout_log_likelihood(
         raise ValueError(
             f"X has shape {X.shape}; heldout_log_likelihood scores the training rows, ({n}, {p})"
         )
-    if getattr(model.likelihood, "views", None) is not None:  # each count view's counts
+    if model.likelihood.views is not None:  # each count view's counts
         check_view_counts(X, model.likelihood)
     if entries is not None:
         if sp.issparse(entries):

@@ -163,7 +163,7 @@ def initialize(
     resid = obs * ((y - mu0) - fitted * slope)
     feature_var = (resid**2).sum(0) / n_obs
     likelihood.initialize(feature_mean, feature_var)
-    if not likelihood.variance_from_mean or getattr(likelihood, "views", None) is not None:
+    if likelihood.residual_weights:
         # the free noise variance (of a Gaussian view too), now learned from the
         # residual, weights the precisions
         w = working_weights(likelihood, mu0, slope)
@@ -372,7 +372,7 @@ def initialize_streamed(
     else:
         second = (positive + negative) / n
     likelihood.initialize(feature_mean, resid_ss / n_obs)
-    if not likelihood.variance_from_mean or getattr(likelihood, "views", None) is not None:
+    if likelihood.residual_weights:
         w = working_weights(likelihood, mu0, slope)
     weighted = w[:, None] * f0**2
     if coef is not None:

@@ -91,7 +91,7 @@ class SparseFactorModel(torch.nn.Module):
     ):
         super().__init__()
         self.loadings = get_prior(loadings_prior)(n_samples, n_components)
-        views = getattr(likelihood, "views", None)  # a multi-view likelihood's features
+        views = likelihood.views  # a multi-view likelihood's features
         if views is None:
             self.factors = get_prior(factors_prior)(n_features, n_components)
         else:  # a prior per view and factor
@@ -291,7 +291,7 @@ class SparseFactorModel(torch.nn.Module):
                 x, mean, var, log_s, expectation, generator, rows, cols
             )
             ll = ll if mask is None else ll * mask
-            views = getattr(self.likelihood, "views", None)
+            views = self.likelihood.views
             if views is None:
                 total = ll.sum()
             else:  # summed per view as well, for each view's share of the ELBO

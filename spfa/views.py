@@ -70,6 +70,9 @@ class FeatureViews:
         #: features in view order (view 0's, then view 1's, ...) and back
         self.order = np.concatenate(self.index)
         self.inverse = np.argsort(self.order)
+        #: the views are consecutive blocks of the features, in their order (RNA, then
+        #: protein): tensors are split into views of their memory and joined by one copy
+        self.contiguous = bool(np.array_equal(self.order, np.arange(self.order.size)))
         self._torch: dict = {}
 
     @property
@@ -106,6 +109,8 @@ class FeatureViews:
         """``values`` (numpy or torch) cut along ``axis`` (of length ``p``) into the views'
         features."""
         if isinstance(values, torch.Tensor):
+            if self.contiguous:  # no copies
+                return list(torch.split(values, self.sizes(), dim=axis))
             index = self.tensors(values.device)["index"]
             return [values.index_select(axis, idx) for idx in index]
         return [np.take(values, idx, axis=axis) for idx in self.index]
@@ -113,8 +118,10 @@ class FeatureViews:
     def join(self, parts: Sequence, axis: int = -1):
         """Inverse of :meth:`split`: the views' parts back on one feature axis."""
         if isinstance(parts[0], torch.Tensor):
-            inverse = self.tensors(parts[0].device)["inverse"]
-            return torch.cat(list(parts), axis).index_select(axis, inverse)
+            joined = torch.cat(list(parts), axis)
+            if self.contiguous:
+                return joined
+            return joined.index_select(axis, self.tensors(parts[0].device)["inverse"])
         return np.take(np.concatenate(list(parts), axis=axis), self.inverse, axis=axis)
 
     def entry_views(self, cols: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

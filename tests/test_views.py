@@ -56,6 +56,12 @@ def test_feature_views_split_and_join_round_trip():
     assert torch.equal(views.join(views.split(tensor)), tensor)
     assert torch.equal(views.join(views.split(tensor.T, 0), 0), tensor.T)
     assert views.groups.tolist() == ["b", "a", "b", "b", "a"]
+    # views in consecutive blocks: split into views of the tensor's memory, joined back
+    blocks = FeatureViews(["a", "a", "b", "b", "b"], ["a", "b"])
+    assert blocks.contiguous and not views.contiguous
+    parts = blocks.split(tensor)
+    assert parts[1].data_ptr() == tensor[:, 2:].data_ptr()
+    assert torch.equal(blocks.join(parts), tensor)
 
 
 @pytest.mark.parametrize(

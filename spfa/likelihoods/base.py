@@ -65,6 +65,9 @@ class Likelihood(torch.nn.Module):
     #: False for a model of the non-zero entries only (zero-truncated): the
     #: estimator then fits the non-zero entries and nothing else
     observes_zeros: bool = True
+    #: the partition of the features into views (:class:`spfa.views.FeatureViews`) of a
+    #: likelihood per view (:class:`spfa.likelihoods.Views`); None for one likelihood
+    views = None
     #: attribute paths (relative to this module, as in its ``state_dict``) of
     #: the parameters with one row per sample (``[n, d]``): like the loadings
     #: they are refitted for new samples and not shared
@@ -80,6 +83,13 @@ class Likelihood(torch.nn.Module):
             raise ValueError(
                 f"the {self.name} likelihood needs a positive link, not {self.link.name!r}"
             )
+
+    @property
+    def residual_weights(self) -> bool:
+        """Whether the start's working weights are taken again from the low-rank fit's
+        residual (a free noise variance is only known then); by default where the variance
+        is not a function of the mean."""
+        return not self.variance_from_mean
 
     # -- set-up ---------------------------------------------------------------
     def initialize(self, feature_mean: np.ndarray, feature_var: np.ndarray) -> None:

@@ -132,6 +132,10 @@ class Views(Likelihood):
             lik.sparse_rows = bool(value)
 
     @property
+    def residual_weights(self) -> bool:
+        return True  # a Gaussian view's noise variance, from the start's residual
+
+    @property
     def closed_form(self) -> bool:
         return all(lik.closed_form for lik in self.parts)
 
