@@ -174,5 +174,60 @@ def test_views_smoke(tmp_path, capsys):
         summary = design["summary"]
         assert summary["auroc"]["spfa"] >= 0.9
         assert summary["rna_ratio"] <= 0.85
+    # the oracle knows F: a fit that learns it is not expected below it in a Gaussian view
+    gaussian = results["gaussian_adt"]["summary"]
+    assert gaussian["oracle_adt_error"] < gaussian["spfa_adt_error"]
     assert (tmp_path / "views.png").stat().st_size > 0
     assert "| gaussian_adt | adt |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("likelihoods", [("gaussian", "gaussian"), ("poisson", "gaussian")])
+def test_views_oracle_is_the_posterior_mean(likelihoods):
+    """The oracle's E[x] against the posterior mean of L by brute-force quadrature over
+    the slab values of each spike pattern (exact up to the grid where every view is
+    Gaussian; the Laplace approximation is close where 150 count features inform L)."""
+    from scipy.special import logsumexp
+    from scipy.stats import norm, poisson
+
+    from simulations.views import oracle_mean
+    from spfa.simulate import ViewSimulation
+
+    rng = np.random.default_rng(3)
+    n, pi0 = 2, 0.3
+    design = (("a", likelihoods[0], 150), ("b", likelihoods[1], 10))
+    groups = np.repeat(["a", "b"], [150, 10])
+    f = rng.normal(scale=0.5, size=(160, 2)) * (rng.random((160, 2)) < 0.5)
+    b = rng.normal(0.5, 0.5, size=160)
+    loadings = rng.normal(size=(n, 2))
+    eta = loadings @ f.T + b
+    counts = groups == "a" if likelihoods[0] == "poisson" else np.zeros(160, bool)
+    mean = np.where(counts, np.logaddexp(0, eta), eta)
+    x = np.where(
+        counts, rng.poisson(np.where(counts, mean, 1.0)), mean + rng.normal(size=eta.shape)
+    )
+    sim = ViewSimulation(x, groups, np.ones((2, 2), bool), loadings, f, b, mean)
+
+    grid = np.linspace(-6, 6, 301)
+    step = grid[1] - grid[0]
+    patterns = {  # (log prior weight of the pattern + log slab density, the L values)
+        (0, 0): (np.log(pi0**2), np.zeros((1, 2))),
+        (1, 0): (np.log(pi0 * (1 - pi0)) + norm.logpdf(grid) + np.log(step), np.c_[grid, 0 * grid]),
+        (0, 1): (np.log(pi0 * (1 - pi0)) + norm.logpdf(grid) + np.log(step), np.c_[0 * grid, grid]),
+    }
+    g1, g2 = np.meshgrid(grid, grid, indexing="ij")
+    both = np.c_[g1.ravel(), g2.ravel()]
+    patterns[(1, 1)] = (np.log((1 - pi0) ** 2) + norm.logpdf(both).sum(1) + 2 * np.log(step), both)
+    values = np.concatenate([v for _, v in patterns.values()])
+    log_prior = np.concatenate([np.broadcast_to(w, len(v)) for w, v in patterns.values()])
+    expected = np.empty_like(x)
+    for i in range(n):
+        e = values @ f.T + b
+        ll = np.where(
+            counts, poisson.logpmf(x[i], np.logaddexp(0, e)), norm.logpdf(x[i], e, 1.0)
+        ).sum(1)
+        w = np.exp(log_prior + ll - logsumexp(log_prior + ll))
+        e_l = w @ values
+        expected[i] = np.where(counts, np.logaddexp(0, e_l @ f.T + b), e_l @ f.T + b)
+    got = oracle_mean(sim, design, pi0=pi0)
+    tol = 1e-5 if not counts.any() else 1e-2  # a prior pi0 of 0.5 misses by 7e-3, 3e-2
+    np.testing.assert_allclose(got, expected, atol=tol * np.abs(expected).max())
