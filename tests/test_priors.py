@@ -222,3 +222,37 @@ def test_a_family_without_the_symmetry_refuses_to_flip():
     assert not family.sign_symmetric
     with pytest.raises(ValueError, match="not symmetric"):
         family.flip_(torch.tensor([-1.0, 1.0]))
+
+
+def test_point_normal_gradients_against_finite_differences():
+    """The written-out gradients of the KL and the moments, by torch.autograd.gradcheck
+    (central differences in float64), at ordinary and large logits."""
+    from spfa.priors import point_normal_moments
+
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, scale=1.0):
+        x = scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
+        return x.requires_grad_()
+
+    for logit_scale in (1.0, 8.0):
+        logits, mean, log_prec = leaf(6, 3, scale=logit_scale), leaf(6, 3), leaf(6, 3)
+        prior_logit, prior_log_prec = leaf(3), leaf(3)
+        assert torch.autograd.gradcheck(
+            point_normal_kl, (logits, mean, log_prec, prior_logit, prior_log_prec)
+        )
+        assert torch.autograd.gradcheck(point_normal_moments, (logits, mean, log_prec))
+
+
+def test_point_normal_gradients_are_finite_at_extreme_logits():
+    from spfa.priors import point_normal_moments
+
+    logits = torch.tensor([[-200.0, -30.0, 0.0, 30.0, 200.0]], requires_grad=True)
+    mean = torch.ones(1, 5, requires_grad=True)
+    log_prec = torch.zeros(1, 5, requires_grad=True)
+    prior = torch.zeros(5, requires_grad=True), torch.zeros(5, requires_grad=True)
+    m, v = point_normal_moments(logits, mean, log_prec)
+    total = point_normal_kl(logits, mean, log_prec, *prior).sum() + m.sum() + v.sum()
+    total.backward()
+    for p in (logits, mean, log_prec, *prior):
+        assert torch.isfinite(p.grad).all()

@@ -12,7 +12,7 @@ from .covariate_effects import CovariateEffects
 from .normal_effect import NormalEffect, normal_kl
 from .normal_mixture import NormalMixture, NormalMixturePosterior
 from .point_exponential import PointExponential, PointExponentialPosterior
-from .point_normal import PointNormal, PointNormalPosterior, point_normal_kl
+from .point_normal import PointNormal, PointNormalPosterior, point_normal_kl, point_normal_moments
 from .views import ViewFamily
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "get_prior",
     "normal_kl",
     "point_normal_kl",
+    "point_normal_moments",
     "resolve_priors",
 ]
 

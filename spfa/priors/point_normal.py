@@ -29,7 +29,13 @@ from ..posterior import Posterior, check_same_shape
 from ..special import normal_logpdf
 from .base import PointMassFamily, as_tensor_like, start_second_moment
 
-__all__ = ["PointNormal", "PointNormalPosterior", "point_normal_kl", "PIP_START"]
+__all__ = [
+    "PointNormal",
+    "PointNormalPosterior",
+    "point_normal_kl",
+    "point_normal_moments",
+    "PIP_START",
+]
 
 #: starting posterior inclusion probability (and prior pi) of every entry
 PIP_START = 0.9
@@ -54,17 +60,88 @@ def point_normal_kl(
     Returns
     -------
     Tensor of shape (m, k)
+        Differentiable in every argument, by gradients written out (one pass each way,
+        no graph of the elementwise operations).
     """
-    alpha = torch.sigmoid(logits)
-    # log sigma(z) = -softplus(-z), log(1 - sigma(z)) = -softplus(z)
-    kl_spike = alpha * (F.softplus(-prior_logit) - F.softplus(-logits)) + (1 - alpha) * (
-        F.softplus(prior_logit) - F.softplus(logits)
-    )
-    tau = torch.exp(prior_log_prec)
-    kl_slab = (
-        0.5 * alpha * (log_prec - prior_log_prec - 1.0 + tau * (mean**2 + torch.exp(-log_prec)))
-    )
-    return kl_spike + kl_slab
+    return _PointNormalKL.apply(logits, mean, log_prec, prior_logit, prior_log_prec)
+
+
+def point_normal_moments(
+    logits: torch.Tensor, mean: torch.Tensor, log_prec: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``E[theta] = alpha mu`` and ``V[theta] = alpha / nu + alpha (1 - alpha) mu^2``,
+    elementwise, shaped like ``mean`` (arguments as in :func:`point_normal_kl`);
+    differentiable by gradients written out."""
+    return _PointNormalMoments.apply(logits, mean, log_prec)
+
+
+class _PointNormalKL(torch.autograd.Function):
+    """The KL and its gradients, with ``alpha = sigmoid(logits)``, ``tau = e^prior_log_prec``
+    and the slab term ``T = (log nu - log tau - 1 + tau (mu^2 + 1/nu)) / 2``::
+
+        d/dlogits  = alpha (1 - alpha) (logits - prior_logit + T)
+        d/dmu      = alpha tau mu
+        d/dlog nu  = alpha (1 - tau / nu) / 2
+        d/dprior_logit    = sigmoid(prior_logit) - alpha
+        d/dprior_log_prec = alpha (tau (mu^2 + 1/nu) - 1) / 2
+
+    (the spike's log-odds derivatives cancel to ``logits - prior_logit``)."""
+
+    @staticmethod
+    def forward(ctx, logits, mean, log_prec, prior_logit, prior_log_prec):
+        alpha = torch.sigmoid(logits)
+        tau = torch.exp(prior_log_prec)
+        slab_var = torch.exp(-log_prec)
+        # log sigma(z) = -softplus(-z), log(1 - sigma(z)) = -softplus(z)
+        kl_spike = alpha * (F.softplus(-prior_logit) - F.softplus(-logits)) + (1 - alpha) * (
+            F.softplus(prior_logit) - F.softplus(logits)
+        )
+        slab = 0.5 * (log_prec - prior_log_prec - 1.0 + tau * (mean**2 + slab_var))
+        ctx.save_for_backward(logits, alpha, mean, slab_var, slab, prior_logit, tau)
+        return kl_spike + alpha * slab
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, alpha, mean, slab_var, slab, prior_logit, tau = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_alpha = grad * alpha
+        out = [None] * 5
+        if need[0]:
+            out[0] = g_alpha * (1 - alpha) * (logits - prior_logit + slab)
+        if need[1]:
+            out[1] = g_alpha * tau * mean
+        if need[2]:
+            out[2] = 0.5 * g_alpha * (1 - tau * slab_var)
+        if need[3]:
+            out[3] = (grad * torch.sigmoid(prior_logit) - g_alpha).sum_to_size(prior_logit.shape)
+        if need[4]:
+            prior_second = tau * (mean**2 + slab_var) - 1
+            out[4] = (0.5 * g_alpha * prior_second).sum_to_size(tau.shape)
+        return tuple(out)
+
+
+class _PointNormalMoments(torch.autograd.Function):
+    """The moments and their gradients given those of ``E`` (``gm``) and ``V`` (``gv``)::
+
+    d/dlogits = alpha (1 - alpha) (gm mu + gv (1/nu + (1 - 2 alpha) mu^2))
+    d/dmu     = alpha (gm + 2 (1 - alpha) mu gv)
+    d/dlog nu = -gv alpha / nu
+    """
+
+    @staticmethod
+    def forward(ctx, logits, mean, log_prec):
+        alpha = torch.sigmoid(logits)
+        slab_var = torch.exp(-log_prec)
+        ctx.save_for_backward(alpha, mean, slab_var)
+        return alpha * mean, alpha * slab_var + alpha * (1 - alpha) * mean**2
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var):
+        alpha, mean, slab_var = ctx.saved_tensors
+        spread = alpha * (1 - alpha)
+        g_logits = spread * (grad_mean * mean + grad_var * (slab_var + (1 - 2 * alpha) * mean**2))
+        g_mean = alpha * grad_mean + 2 * spread * mean * grad_var
+        return g_logits, g_mean, -grad_var * alpha * slab_var
 
 
 class PointNormal(PointMassFamily):
@@ -81,8 +158,7 @@ class PointNormal(PointMassFamily):
     prior_parameter_names = ("prior_logit", "prior_log_prec")
 
     def _moments(self, logits, mu, log_prec):
-        alpha = torch.sigmoid(logits)
-        return alpha * mu, alpha * torch.exp(-log_prec) + alpha * (1 - alpha) * mu**2
+        return point_normal_moments(logits, mu, log_prec)
 
     def _kl(self, logits, mean, log_prec):
         return point_normal_kl(logits, mean, log_prec, self.prior_logit, self.prior_log_prec)
