@@ -27,8 +27,11 @@ class _SumExpProduct(torch.autograd.Function):
     """``sum(mask * exp(lhs rhs^T + bias))`` with its gradient from the one saved grid."""
 
     @staticmethod
-    def forward(ctx, lhs, rhs, bias, mask):
-        grid = lhs @ rhs.T if bias is None else torch.addmm(bias, lhs, rhs.T)
+    def forward(ctx, lhs, rhs, bias, mask, out):
+        if bias is None:
+            grid = torch.matmul(lhs, rhs.T, out=out)
+        else:
+            grid = torch.addmm(bias, lhs, rhs.T, out=out)
         grid.exp_()
         if mask is not None:
             grid.mul_(mask)
@@ -43,10 +46,10 @@ class _SumExpProduct(torch.autograd.Function):
         grad_lhs = grad * (grid @ rhs) if ctx.needs_input_grad[0] else None
         grad_rhs = grad * (grid.T @ lhs) if ctx.needs_input_grad[1] else None
         grad_bias = grad * grid.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_lhs, grad_rhs, grad_bias, None
+        return grad_lhs, grad_rhs, grad_bias, None, None
 
 
-def sum_exp_product(lhs, rhs, bias=None, mask=None) -> torch.Tensor:
+def sum_exp_product(lhs, rhs, bias=None, mask=None, out=None) -> torch.Tensor:
     """``sum_ij mask_ij exp((lhs rhs^T)_ij + bias_j)``, differentiable in ``lhs``, ``rhs``
     and ``bias``.
 
@@ -57,6 +60,12 @@ def sum_exp_product(lhs, rhs, bias=None, mask=None) -> torch.Tensor:
     bias : Tensor of shape (p,), optional
     mask : Tensor of shape (n, p), optional
         Weights of the entries (1 observed, 0 missing); not differentiated.
+    out : Tensor of shape (n, p), optional
+        Memory for the grid, to reuse from one step to the next: a fresh grid larger
+        than glibc's largest mmap threshold (32 MiB) is mapped anew each time and its
+        pages faulted in, which at 5,000 x 2,000 doubled this function's time. While a
+        backward pass still needs the grid, writing over it makes that pass raise
+        (autograd's version check), never give a wrong gradient.
 
     Returns
     -------
@@ -64,7 +73,7 @@ def sum_exp_product(lhs, rhs, bias=None, mask=None) -> torch.Tensor:
         Computed with one ``[n, p]`` grid, exponentiated in place and kept
         for the backward pass, whose gradients are products with it.
     """
-    return _SumExpProduct.apply(lhs, rhs, bias, mask)
+    return _SumExpProduct.apply(lhs, rhs, bias, mask, out)
 
 
 @dataclass
@@ -96,7 +105,7 @@ class LinearPredictor:
             return ml @ mf.T, lhs @ rhs.T
         return torch.addmm(self.mb, ml, mf.T), torch.addmm(self.vb, lhs, rhs.T)
 
-    def sum_lognormal_mean(self, log_s=None, mask=None) -> torch.Tensor:
+    def sum_lognormal_mean(self, log_s=None, mask=None, out=None) -> torch.Tensor:
         """``sum_ij mask_ij exp(E[eta_ij] + V[eta_ij] / 2 + log s_i)``: the sum of
         ``E_q[s_i e^eta_ij]`` for Gaussian ``eta`` (scalar).
 
@@ -104,6 +113,8 @@ class LinearPredictor:
         ----------
         log_s : Tensor of shape (n, 1), optional
         mask : Tensor of shape (n, p), optional
+        out : Tensor of shape (n, p), optional
+            Memory for the grid (see :func:`sum_exp_product`).
         """
         ml, vl, mf, vf = self.ml, self.vl, self.mf, self.vf
         lhs = [ml, 0.5 * (vl + ml**2), 0.5 * vl]
@@ -115,7 +126,7 @@ class LinearPredictor:
         if self.mb is not None:
             lhs.append(torch.ones_like(ml[:, :1]))
             rhs.append((self.mb + 0.5 * self.vb)[:, None])
-        return sum_exp_product(torch.cat(lhs, 1), torch.cat(rhs, 1), None, mask)
+        return sum_exp_product(torch.cat(lhs, 1), torch.cat(rhs, 1), None, mask, out)
 
     def sum_times_mean(self, x: torch.Tensor, column_sums: torch.Tensor) -> torch.Tensor:
         """``sum_ij x_ij E[eta_ij]`` (scalar) at the cost of ``x mf``.

@@ -405,6 +405,26 @@ def test_sum_exp_product_gradient_is_the_numerical_one():
             assert torch.autograd.gradcheck(lambda *a, m=m: sum_exp_product(*a, m), args)
 
 
+def test_sum_exp_product_reused_memory_is_never_a_wrong_gradient():
+    """A second product into the same memory before the first's backward pass makes that
+    pass raise; in turn (forward, backward, forward, ...) the gradients are the fresh ones."""
+    from spfa.linear_predictor import sum_exp_product
+
+    gen = torch.Generator().manual_seed(2)
+    lhs = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    rhs = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = torch.empty(6, 5, dtype=torch.float64)
+    first = sum_exp_product(lhs, rhs, out=out)
+    sum_exp_product(lhs, 2 * rhs, out=out)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.backward()
+    for scale in (1.0, 2.0):
+        want = torch.autograd.grad(sum_exp_product(lhs, scale * rhs), (lhs, rhs))
+        got = torch.autograd.grad(sum_exp_product(lhs, scale * rhs, out=out), (lhs, rhs))
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_gauss_hermite_matches_numerical_integration():
     lik = Poisson().double()
     x = torch.tensor([0.0, 3.0, 12.0], dtype=torch.float64)

@@ -53,18 +53,21 @@ class Poisson(Likelihood):
     def grid_expected_log_prob(self, x, mask, eta, log_s, cache=None, rows=None):
         """Under the exp link, the closed form summed without the grids of ``E[eta]`` and
         ``V[eta]``: ``sum x E[eta]`` as ``sum (x E[F]) * E[L] + colsums(x) E[b]``,
-        and ``sum s E_q[e^eta]`` by :func:`spfa.linear_predictor.sum_exp_product`."""
+        and ``sum s E_q[e^eta]`` by :func:`spfa.linear_predictor.sum_exp_product`, whose
+        grid's memory is kept in ``cache`` with the batch and reused."""
         if not self.closed_form:
             return None
         cache = {} if cache is None else cache
         if "poisson" not in cache:
             with torch.no_grad():
                 cache["poisson"] = (x.sum(0), x.sum(1, keepdim=True), torch.lgamma(x + 1.0).sum())
+                cache["grid"] = torch.empty_like(x)
         column_sums, row_sums, log_factorials = cache["poisson"]
         linear = eta.sum_times_mean(x, column_sums)
         if log_s is not None:
             linear = linear + (row_sums * log_s).sum()
-        return linear - eta.sum_lognormal_mean(log_s, mask) - log_factorials
+        grid = eta.sum_lognormal_mean(log_s, mask, cache["grid"])
+        return linear - grid - log_factorials
 
     def log_neg_log_prob_zero(self, eta, log_s, rows=None, cols=None):
         return self.log_mean(eta, log_s)
