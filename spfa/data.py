@@ -50,7 +50,8 @@ class Batch:
     def __init__(self, x, mask, rows, entry_rows=None, cols=None):
         self.x, self.mask, self.rows = x, mask, rows
         self.entry_rows, self.cols = entry_rows, cols
-        #: what the likelihood computes from the data alone, kept while the batch is
+        #: what the likelihood computes from the data alone (and memory it reuses from
+        #: step to step), kept while the batch is
         self.cache = {}
 
     def terms(self, model, log_s, expectation, generator, scale: float, covariates=None):

@@ -66,8 +66,8 @@ class Poisson(Likelihood):
         linear = eta.sum_times_mean(x, column_sums)
         if log_s is not None:
             linear = linear + (row_sums * log_s).sum()
-        grid = eta.sum_lognormal_mean(log_s, mask, cache["grid"])
-        return linear - grid - log_factorials
+        expected_mean = eta.sum_lognormal_mean(log_s, mask, cache["grid"])
+        return linear - expected_mean - log_factorials
 
     def log_neg_log_prob_zero(self, eta, log_s, rows=None, cols=None):
         return self.log_mean(eta, log_s)
