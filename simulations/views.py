@@ -160,9 +160,8 @@ def oracle_mean(sim, design, pi0=0.3, noise_sd=1.0) -> np.ndarray:
     """
     import itertools
 
-    poisson = np.array(
-        [dict((v, lik) for v, lik, _ in design)[g] == "poisson" for g in sim.feature_groups]
-    )
+    likelihood = {view: lik for view, lik, _ in design}
+    poisson = np.array([likelihood[g] == "poisson" for g in sim.feature_groups])
     x, f, b = sim.x, sim.factors, sim.intercept
     n, k = sim.loadings.shape
 
