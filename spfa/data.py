@@ -51,8 +51,9 @@ class Batch:
         self.x, self.mask, self.rows = x, mask, rows
         self.entry_rows, self.cols = entry_rows, cols
         #: what the likelihood computes from the data alone (and memory it reuses from
-        #: step to step), kept while the batch is
-        self.cache = {}
+        #: step to step), kept while the batch is; ``"reused"``: whether the batch serves
+        #: every step (a full batch), so that a costlier cache pays off
+        self.cache = {"reused": False}
 
     def terms(self, model, log_s, expectation, generator, scale: float, covariates=None):
         """The ELBO's terms of this batch, scaled (see :meth:`SparseFactorModel.elbo_terms`);
@@ -186,6 +187,8 @@ class RowBatches:
         self._next = self.n_batches
         # one batch of everything: made once, not at every step
         self._single = self._make(0) if self.n_batches == 1 else None
+        if self._single is not None:
+            self._single.cache["reused"] = True
 
     def _float(self, a) -> torch.Tensor:
         a = np.asarray(a, dtype=np.float32)  # a copy unless already float32

@@ -24,10 +24,15 @@ __all__ = ["LinearPredictor", "sum_exp_product"]
 
 
 class _SumExpProduct(torch.autograd.Function):
-    """``sum(mask * exp(lhs rhs^T + bias))`` with its gradient from the one saved grid."""
+    """``sum(mask * exp(lhs rhs^T + bias))`` with its gradient from the one saved grid.
+
+    Given ``ones``, the index of a column of ``rhs`` that is all ones, and a ``lhs`` to
+    differentiate, the forward pass computes ``lhs``'s gradient ``grid rhs`` at once
+    and reads the total from that column (the grid's row sums): no separate pass over
+    the grid."""
 
     @staticmethod
-    def forward(ctx, lhs, rhs, bias, mask, out):
+    def forward(ctx, lhs, rhs, bias, mask, out, ones):
         if bias is None:
             grid = torch.matmul(lhs, rhs.T, out=out)
         else:
@@ -35,21 +40,47 @@ class _SumExpProduct(torch.autograd.Function):
         grid.exp_()
         if mask is not None:
             grid.mul_(mask)
-        ctx.save_for_backward(lhs, rhs, grid)
         ctx.has_bias = bias is not None
-        return grid.sum()
+        if ones is None:
+            grad_lhs, total = None, grid.sum()
+        else:
+            grad_lhs = grid @ rhs
+            total = grad_lhs[:, ones].sum()
+        ctx.save_for_backward(lhs, rhs, grid, grad_lhs)
+        return total
 
     @staticmethod
     def backward(ctx, grad):
-        lhs, rhs, grid = ctx.saved_tensors
+        lhs, rhs, grid, grad_lhs = ctx.saved_tensors
         # d/d(lhs rhs^T + bias) of the sum is the (masked) grid itself
-        grad_lhs = grad * (grid @ rhs) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[0]:
+            grad_lhs = grad * (grid @ rhs if grad_lhs is None else grad_lhs)
+        else:
+            grad_lhs = None
         grad_rhs = grad * (grid.T @ lhs) if ctx.needs_input_grad[1] else None
         grad_bias = grad * grid.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_lhs, grad_rhs, grad_bias, None, None
+        return grad_lhs, grad_rhs, grad_bias, None, None, None
 
 
-def sum_exp_product(lhs, rhs, bias=None, mask=None, out=None) -> torch.Tensor:
+class _SumTimesMean(torch.autograd.Function):
+    """``sum((x mf) * ml)`` whose gradient in ``mf``, ``x^T ml``, is read from ``xt``,
+    ``x`` transposed and stored row-major."""
+
+    @staticmethod
+    def forward(ctx, x, xt, ml, mf):
+        x_mf = x @ mf
+        ctx.save_for_backward(xt, ml, x_mf)
+        return (x_mf * ml).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        xt, ml, x_mf = ctx.saved_tensors
+        grad_ml = grad * x_mf if ctx.needs_input_grad[2] else None
+        grad_mf = grad * (xt @ ml) if ctx.needs_input_grad[3] else None
+        return None, None, grad_ml, grad_mf
+
+
+def sum_exp_product(lhs, rhs, bias=None, mask=None, out=None, ones=None) -> torch.Tensor:
     """``sum_ij mask_ij exp((lhs rhs^T)_ij + bias_j)``, differentiable in ``lhs``, ``rhs``
     and ``bias``.
 
@@ -66,6 +97,10 @@ def sum_exp_product(lhs, rhs, bias=None, mask=None, out=None) -> torch.Tensor:
         pages faulted in, which at 5,000 x 2,000 doubled this function's time. While a
         backward pass still needs the grid, writing over it makes that pass raise
         (autograd's version check), never give a wrong gradient.
+    ones : int, optional
+        Index of a column of ``rhs`` that is all ones (not checked). When ``lhs`` is to
+        be differentiated, the total is then read from the product ``grid rhs`` that
+        its gradient needs anyway, instead of a separate sum over the grid.
 
     Returns
     -------
@@ -73,7 +108,8 @@ def sum_exp_product(lhs, rhs, bias=None, mask=None, out=None) -> torch.Tensor:
         Computed with one ``[n, p]`` grid, exponentiated in place and kept
         for the backward pass, whose gradients are products with it.
     """
-    return _SumExpProduct.apply(lhs, rhs, bias, mask, out)
+    eager = ones is not None and torch.is_grad_enabled() and lhs.requires_grad
+    return _SumExpProduct.apply(lhs, rhs, bias, mask, out, ones if eager else None)
 
 
 @dataclass
@@ -120,15 +156,19 @@ class LinearPredictor:
         lhs = [ml, 0.5 * (vl + ml**2), 0.5 * vl]
         rhs = [mf, vf, mf**2]
         # log s and the intercept as columns against columns of ones: no broadcast copy
+        ones = None
         if log_s is not None:
             lhs.append(log_s)
             rhs.append(torch.ones_like(mf[:, :1]))
+            ones = 3 * mf.shape[1]
         if self.mb is not None:
             lhs.append(torch.ones_like(ml[:, :1]))
             rhs.append((self.mb + 0.5 * self.vb)[:, None])
-        return sum_exp_product(torch.cat(lhs, 1), torch.cat(rhs, 1), None, mask, out)
+        return sum_exp_product(torch.cat(lhs, 1), torch.cat(rhs, 1), None, mask, out, ones)
 
-    def sum_times_mean(self, x: torch.Tensor, column_sums: torch.Tensor) -> torch.Tensor:
+    def sum_times_mean(
+        self, x: torch.Tensor, column_sums: torch.Tensor, xt: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``sum_ij x_ij E[eta_ij]`` (scalar) at the cost of ``x mf``.
 
         Parameters
@@ -136,6 +176,13 @@ class LinearPredictor:
         x : Tensor of shape (n, p)
         column_sums : Tensor of shape (p,)
             ``x.sum(0)``.
+        xt : Tensor of shape (p, n), optional
+            ``x.T``, contiguous, for the gradient in ``mf``. On the CPU the product
+            ``x^T ml`` read from ``x`` (column order) was 4x slower than from ``xt``
+            at 5,000 x 2,000 (11.7 against 2.7 ms).
         """
-        total = ((x @ self.mf) * self.ml).sum()
+        if xt is None:
+            total = ((x @ self.mf) * self.ml).sum()
+        else:
+            total = _SumTimesMean.apply(x, xt, self.ml, self.mf)
         return total if self.mb is None else total + column_sums @ self.mb

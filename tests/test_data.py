@@ -27,8 +27,8 @@ def counts():
     return x
 
 
-def _model(n, p, likelihood="poisson"):
-    lik = get_likelihood(likelihood)
+def _model(n, p, likelihood="poisson", link="softplus"):
+    lik = get_likelihood(likelihood, link)
     lik.initialize(np.ones(p), np.ones(p))
     model = SparseFactorModel(n, p, 2, lik)
     gen = torch.Generator().manual_seed(0)
@@ -363,3 +363,26 @@ def test_working_response_is_the_tangent_capped_by_the_exact_deviation(link_name
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
     if link_name != "identity":  # a convex link: the cap binds somewhere
         assert np.any(got < tangent - 1e-9)
+
+
+def test_the_full_batch_keeps_its_data_transposed_for_the_factors_gradient(counts):
+    x = np.nan_to_num(counts)
+    model = _model(*x.shape, link="exp")
+    assert model.likelihood.closed_form  # the exp link's Poisson, which reads the cache
+    log_s = np.log(np.linspace(0.5, 2.0, x.shape[0]))
+    full = RowBatches(x, log_s, None, entries=False, device=CPU, seed=0)
+    mini = RowBatches(x, log_s, 16, entries=False, device=CPU, seed=0)
+    assert full.batch(0) is full.batch(0) and full.batch(0).cache["reused"]
+    assert not mini.batch(0).cache["reused"]
+    grads = []
+    for reused in (True, False):
+        batch = full.batch(0)
+        batch.cache.clear()
+        batch.cache["reused"] = reused
+        for _ in range(2):  # the second step reads what the first cached
+            model.zero_grad()
+            batch.terms(model, full.log_s, GaussHermite(8), None, 1.0).err.backward()
+        assert (batch.cache["xt"] is not None) == reused
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)

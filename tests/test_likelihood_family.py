@@ -404,6 +404,52 @@ def test_sum_exp_product_gradient_is_the_numerical_one():
             args.append(None if b is None else b.clone().requires_grad_(True))
             assert torch.autograd.gradcheck(lambda *a, m=m: sum_exp_product(*a, m), args)
 
+    # with a column of ones in rhs (not perturbed: it is a constant) the total is read
+    # from the gradient's product
+    def with_ones(r):
+        return torch.cat([r, torch.ones(5, 1, dtype=torch.float64)], 1)
+
+    rhs_ones = with_ones(rhs)
+    lhs_ones = torch.cat([lhs, 0.3 * torch.randn(6, 1, generator=gen, dtype=torch.float64)], 1)
+    for m in (mask, None):
+        args = [t.clone().requires_grad_(True) for t in (lhs_ones, rhs)]
+        assert torch.autograd.gradcheck(
+            lambda a, r, m=m: sum_exp_product(a, with_ones(r), None, m, ones=4), args
+        )
+        args = [args[0], with_ones(args[1])]
+        value = sum_exp_product(*args, None, m, ones=4)
+        want = (torch.exp(lhs_ones @ rhs_ones.T) * (1.0 if m is None else m)).sum()
+        torch.testing.assert_close(value, want, rtol=1e-12, atol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(sum_exp_product(*args, None, m, ones=4), want)
+    # a wrong index is a wrong total: the ones column is what the total is read from
+    args = [t.clone().requires_grad_(True) for t in (lhs_ones, rhs_ones)]
+    assert not torch.allclose(sum_exp_product(*args, ones=0), sum_exp_product(*args))
+
+
+def test_sum_times_mean_from_the_transposed_data_has_the_same_gradients():
+    from spfa.linear_predictor import LinearPredictor, _SumTimesMean
+
+    gen = torch.Generator().manual_seed(3)
+
+    def draw(*shape, normal=True):
+        sample = torch.randn if normal else torch.rand
+        return sample(*shape, generator=gen, dtype=torch.float64)
+
+    x = torch.poisson(2.0 * draw(7, 5, normal=False))
+    ml, vl, mf, vf, mb = draw(7, 3), draw(7, 3, normal=False), draw(5, 3), draw(5, 3), draw(5)
+    grads = []
+    for xt in (None, x.T.contiguous()):
+        params = [t.clone().requires_grad_(True) for t in (ml, mf, mb)]
+        eta = LinearPredictor(params[0], vl, params[1], vf.abs(), params[2], torch.zeros(5))
+        value = eta.sum_times_mean(x, x.sum(0), xt)
+        torch.testing.assert_close(value, (x * (params[0] @ params[1].T + params[2])).sum())
+        grads.append(torch.autograd.grad(value, params))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    args = [x, x.T.contiguous(), ml.clone().requires_grad_(True), mf.clone().requires_grad_(True)]
+    assert torch.autograd.gradcheck(_SumTimesMean.apply, args)
+
 
 def test_sum_exp_product_reused_memory_is_never_a_wrong_gradient():
     """A second product into the same memory before the first's backward pass makes that
