@@ -386,3 +386,29 @@ def test_the_full_batch_keeps_its_data_transposed_for_the_factors_gradient(count
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("covariates", [False, True])
+def test_the_whole_data_start_without_a_mask_is_the_start_with_every_entry_observed(covariates):
+    """Without a mask the start skips the mask's products; with a mask of ones it takes
+    them: the same start."""
+    from spfa.initialization import initialize
+    from spfa.likelihoods import get_likelihood
+
+    sim = simulate_sparse_counts(120, 50, k=3, seed=6)
+    x, s = sim.x.toarray(), sim.size_factors
+    cov = np.random.default_rng(1).normal(size=(120, 2)) if covariates else None
+    starts = []
+    for mask in (None, np.ones_like(x)):
+        lik = get_likelihood("negative_binomial", "exp")
+        start = initialize(x, mask, s, 3, lik, True, np.random.RandomState(0), covariates=cov)
+        starts.append((start, lik.inverse_dispersion.detach().double().numpy()))
+    (plain, r_plain), (masked, r_masked) = starts
+    np.testing.assert_allclose(r_plain, r_masked, rtol=1e-10)
+    for key in ("mean", "log_var", "prior_mean", "prior_log_prec"):
+        np.testing.assert_allclose(plain.intercept[key], masked.intercept[key], rtol=1e-10)
+    names = ["loadings", "factors", "loadings_precision", "factors_precision"]
+    if covariates:
+        names += ["covariate_coef", "covariate_precision"]
+    for name in names:
+        np.testing.assert_allclose(getattr(plain, name), getattr(masked, name), rtol=1e-9)
