@@ -365,7 +365,9 @@ def test_working_response_is_the_tangent_capped_by_the_exact_deviation(link_name
         assert np.any(got < tangent - 1e-9)
 
 
-def test_the_full_batch_keeps_its_data_transposed_for_the_factors_gradient(counts):
+def test_the_full_batch_keeps_its_data_transposed_for_the_factors_gradient(counts, monkeypatch):
+    import spfa.likelihoods.poisson as poisson
+
     x = np.nan_to_num(counts)
     model = _model(*x.shape, link="exp")
     assert model.likelihood.closed_form  # the exp link's Poisson, which reads the cache
@@ -386,6 +388,13 @@ def test_the_full_batch_keeps_its_data_transposed_for_the_factors_gradient(count
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    # beyond the memory bound the product reads x itself
+    monkeypatch.setattr(poisson, "TRANSPOSE_ENTRIES", x.size - 1)
+    batch = full.batch(0)
+    batch.cache.clear()
+    batch.cache["reused"] = True
+    batch.terms(model, full.log_s, GaussHermite(8), None, 1.0).err.backward()
+    assert batch.cache["xt"] is None
 
 
 @pytest.mark.parametrize("covariates", [False, True])

@@ -9,6 +9,10 @@ from scipy import stats
 from ..links import Exp
 from .base import Likelihood
 
+#: largest full batch (entries) whose transpose is kept for the factors' gradient: the
+#: copy's memory (at most 128 MiB of float32) is bounded, beyond it the product reads x
+TRANSPOSE_ENTRIES = 2**25
+
 __all__ = ["Poisson"]
 
 
@@ -64,10 +68,11 @@ class Poisson(Likelihood):
                 cache["grid"] = torch.empty_like(x)
         # x^T contiguous for the factors' gradient, where it pays: a batch used at every
         # step (the full batch), on the CPU (MKL's product from x's column order is 4x
-        # slower there; copying per minibatch would cost more)
+        # slower there; copying per minibatch would cost more), within a memory bound
         if "xt" not in cache and eta.mf.requires_grad and torch.is_grad_enabled():
             reused = cache.get("reused", False) and x.device.type == "cpu"
-            cache["xt"] = x.T.contiguous() if reused else None
+            small = x.numel() <= TRANSPOSE_ENTRIES
+            cache["xt"] = x.T.contiguous() if reused and small else None
         column_sums, row_sums, log_factorials = cache["poisson"]
         linear = eta.sum_times_mean(x, column_sums, cache.get("xt"))
         if log_s is not None:
