@@ -419,6 +419,7 @@ def _train(
     n_plateaus=2,
     description="fit",
     window=WINDOW,
+    exact=False,
 ):
     """Adam over everything that requires a gradient; with several batches,
     the loadings of each batch's rows by SparseAdam (only where used), and
@@ -449,6 +450,7 @@ def _train(
             learning_rate=settings.learning_rate,
             on_window=monitor,
             n_plateaus=n_plateaus,
+            exact=exact,
             progress=bar,
             group=group,
             shared=shared,
@@ -627,7 +629,14 @@ def fit_rows(state, X, s, likelihood, settings: FitSettings, rng, covariates=Non
     exact = likelihood.closed_form or settings.expectation == "quadrature"
     with model.fixed_globals(), showing_logs(settings.verbose):
         result = _train(
-            model, objective, data, settings, n_plateaus=1 if exact else 2, description="transform"
+            model,
+            objective,
+            data,
+            settings,
+            n_plateaus=1 if exact else 2,
+            description="transform",
+            window=WINDOW // 2 if exact else WINDOW,
+            exact=exact,
         )
     if result.interrupted:  # new rows' loadings are not kept: there is nowhere to keep them
         raise KeyboardInterrupt(result.message)

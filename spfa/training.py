@@ -64,14 +64,25 @@ def _snapshot(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) 
     return state, [copy.deepcopy(opt.state_dict()) for opt in optimizers]
 
 
+#: Adam's decay rates of its gradient and squared-gradient averages. torch's
+#: (0.9, 0.999) keeps the squared gradients of the steep first steps in the average
+#: for about a thousand steps, so the slow tail of a fit (the factors' slow rotation
+#: and sparsification) moves in steps far smaller than the learning rate. Measured
+#: against (0.9, 0.999): PBMCs (k = 10) 600 -> 350 steps, ELBO -327,048 -> -326,969;
+#: CellTypist 500 -> 400 steps, -1,059,321 -> -1,059,089; 5,000 x 2,000 simulation
+#: 475 -> 300 steps, error 0.1850 -> 0.1806; held-out likelihood and the sanity
+#: designs' error, AP and coverage unchanged (README, speed)
+ADAM_BETAS = (0.8, 0.9)
+
+
 def _adam(groups: list[dict], lr: float) -> torch.optim.Adam:
     """Adam with its fused kernel (one kernel per step rather than one per operation;
     on CPU a step of PBMC-sized parameters takes 0.44 ms against 1.25 ms), or its
     multi-tensor path where the parameters' device has no fused kernel."""
     try:
-        return torch.optim.Adam(groups, lr=lr, fused=True)
+        return torch.optim.Adam(groups, lr=lr, betas=ADAM_BETAS, fused=True)
     except RuntimeError:
-        return torch.optim.Adam(groups, lr=lr, foreach=True)
+        return torch.optim.Adam(groups, lr=lr, betas=ADAM_BETAS, foreach=True)
 
 
 def _set_lr(optimizers, lr):
@@ -141,6 +152,7 @@ def train(
     sparse_params: list | None = None,
     plateau_factor: float = 5.0,
     n_plateaus: int = 2,
+    exact: bool = False,
     max_rollbacks: int = 8,
     on_window: Callable[[int, np.ndarray], None] | None = None,
     progress: Callable[[int, float], None] | None = None,
@@ -174,6 +186,10 @@ def train(
         Per-sample parameters that receive sparse gradients (minibatches):
         updated by :class:`torch.optim.SparseAdam`, only where used (groups as
         in ``params``).
+    exact : bool
+        Whether ``objective`` is exact (no Monte Carlo draws). Its spread within a
+        window is then the optimiser's own progress, not noise, and the rule compares
+        windows by ``tol`` alone: a steep window would otherwise pass for a noisy one.
     on_window : callable, optional
         ``on_window(first_record, terms)`` with ``terms`` of shape
         ``(records, 5)`` (``ELBOTerms.NAMES``), after every finite window.
@@ -198,7 +214,7 @@ def train(
     groups, sparse_groups = _groups(params), _groups(sparse_params or [])
     optimizers = [_adam(groups, lr)] if groups else []
     if sparse_groups:
-        optimizers.append(torch.optim.SparseAdam(sparse_groups, lr=lr))
+        optimizers.append(torch.optim.SparseAdam(sparse_groups, lr=lr, betas=ADAM_BETAS))
     _set_lr(optimizers, lr)
     params = _flat(groups) + _flat(sparse_groups)
     history = {name: [] for name in ELBOTerms.NAMES}
@@ -261,8 +277,8 @@ def train(
 
             elbo = values[:, 0]
             mean, var = elbo.mean(), elbo.var(ddof=1) if len(elbo) > 1 else 0.0
-            if steps_per_record > 1:
-                var = 0.0  # records are whole passes: no batch-to-batch spread
+            if steps_per_record > 1 or exact:
+                var = 0.0  # whole passes (no batch-to-batch spread), or no noise at all
             if progress is not None:
                 progress(it // steps_per_record, float(mean) * scale)
             logger.debug(
