@@ -40,6 +40,27 @@ def test_converges_on_a_deterministic_objective():
     assert len(res.history["elbo"]) == res.n_iter
 
 
+class Alternating(Quadratic):
+    """The quadratic, less 10, plus a deterministic alternation of +-5 that cancels
+    over every even window: spread within a window that is not noise."""
+
+    def terms(self):
+        terms = super().terms()
+        terms.err = terms.err - 10.0 + 5.0 * (-1) ** self.calls
+        return terms
+
+
+def test_exact_objective_compares_windows_by_tol_alone():
+    # read as noise, the alternation makes a steady climb look like a plateau
+    noisy = Alternating()
+    res = run(noisy, learning_rate=0.01)
+    assert res.converged and noisy.w.item() < 2.5
+    # an exact objective's spread is progress: it climbs on to the optimum
+    exact = Alternating()
+    res = run(exact, learning_rate=0.01, exact=True)
+    assert res.converged and exact.w.item() == pytest.approx(3.0, abs=1e-2)
+
+
 def test_non_finite_window_is_rolled_back_and_fit_recovers():
     m = Quadratic(poison=range(60, 70))
     res = run(m)
