@@ -78,6 +78,9 @@ START_BLOCK_DIVISOR = 16
 #: steps, error 0.1851 -> 0.1850, ELBO 330 nats (5e-5) lower; PBMC k = 30, 150 -> 125
 #: steps, held-out unchanged
 WINDOW = 50
+#: steps in a stopping window of new rows' fit (transform, score) with an exact ELBO,
+#: at the tolerance per step of :data:`WINDOW`
+ROWS_WINDOW = 25
 #: smallest factor on the start's L F^T tried to make a non-finite start ELBO finite
 START_SHRINK_LIMIT = 1e-3
 
@@ -469,10 +472,10 @@ def _window_steps(window: int, passes: int) -> int:
 
 
 def _step_groups(model, params) -> list[dict]:
-    """``params`` in three optimiser groups: the variational parameters in log or logit
-    coordinates (:data:`LOG_SCALE_NAMES`) step :data:`LOG_SCALE_STEP` times further; those
-    in ``eta``'s units (:meth:`SparseFactorModel.location_parameters`) step
-    ``likelihood.data_unit`` times further, so that Adam, whose steps are in the
+    """``params`` in optimiser groups, one per step size: the variational parameters in
+    log or logit coordinates (:data:`LOG_SCALE_NAMES`) step :data:`LOG_SCALE_STEP` times
+    further; those in ``eta``'s units (:meth:`SparseFactorModel.location_parameters`)
+    step ``likelihood.data_unit`` times further, so that Adam, whose steps are in the
     parameters' own units, fits data in any units alike."""
     names = {id(p): name.rsplit(".", 1)[-1] for name, p in model.named_parameters()}
     located = {id(p) for p in model.location_parameters()}
@@ -488,7 +491,13 @@ def _step_groups(model, params) -> list[dict]:
                 {"params": [p for p in units if id(p) in own], "lr_scale": float(lik.data_unit)}
             )
             units = [p for p in units if id(p) not in own]
-    return groups + [{"params": units, "lr_scale": float(model.likelihood.data_unit)}]
+    groups.append({"params": units, "lr_scale": float(model.likelihood.data_unit)})
+    # one group per step size: the fused Adam runs once per group (counts, whose unit
+    # is 1, need two rather than three)
+    merged: dict[float, list] = {}
+    for group in groups:
+        merged.setdefault(group.get("lr_scale", 1.0), []).extend(group["params"])
+    return [{"params": ps, "lr_scale": scale} for scale, ps in merged.items()]
 
 
 @dataclass
@@ -635,7 +644,7 @@ def fit_rows(state, X, s, likelihood, settings: FitSettings, rng, covariates=Non
             settings,
             n_plateaus=1 if exact else 2,
             description="transform",
-            window=WINDOW // 2 if exact else WINDOW,
+            window=ROWS_WINDOW if exact else WINDOW,
             exact=exact,
         )
     if result.interrupted:  # new rows' loadings are not kept: there is nowhere to keep them
