@@ -9,7 +9,9 @@ Stopping rule. Let ``m_t`` be the mean ELBO over window ``t`` and ``se_t`` the
 standard error of ``m_t - m_{t-1}`` estimated from the within-window spread
 (Monte Carlo noise plus drift). The optimiser has reached a plateau when
 ``m_t - m_{t-1} < tol * |m_t| + 2 se_t``, i.e. the improvement is below the
-tolerance or indistinguishable from the noise. At the first plateau the step
+tolerance or indistinguishable from the noise (with ``exact=True``, for an
+objective without Monte Carlo draws, ``se_t`` is 0: its spread is progress, not
+noise). At the first plateau the step
 size is divided by ``plateau_factor`` to let the iterates settle (with Monte
 Carlo gradients a constant step leaves them jittering); the fit has converged
 at the next plateau.
