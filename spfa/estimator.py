@@ -33,6 +33,7 @@ from ._validation import (
 from .distributed import SINGLE, current_group
 from .expectation import get_expectation
 from .likelihoods import get_likelihood, view_likelihood
+from .linear_response import propagated_variances
 from .persistence import load_estimator, save_estimator
 from .posterior import Posterior, top_features
 from .priors import resolve_priors
@@ -523,18 +524,23 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
 
     # -------------------------------------------------------------- summaries
     def factors_posterior(self) -> Posterior:
-        """Posterior of ``F``, ``(n_features, n_components)``: mean, sd, pip, lfsr, intervals."""
-        return self.get_model().factors.posterior()
+        """Posterior of ``F``, ``(n_features, n_components)``: mean, sd, pip, lfsr, intervals
+        (widened for the loadings' uncertainty: :mod:`spfa.linear_response`)."""
+        extra = getattr(self, "factors_propagated_var_", None)
+        return self.get_model().factors.posterior(extra)
 
     def loadings_posterior(self, X=None, *, size_factors=None, covariates=None) -> Posterior:
         """Posterior of ``L``: of the training rows, or of new rows ``X`` (fitted as in
-        :meth:`transform`)."""
+        :meth:`transform`); widened for the factors' uncertainty
+        (:mod:`spfa.linear_response`)."""
         if X is None:
             if size_factors is not None or covariates is not None:
                 raise ValueError("size_factors and covariates are only used with new rows X")
-            return self.get_model().loadings.posterior()
-        (model, _, _), _ = self._fit_rows(X, size_factors, covariates)
-        return model.loadings.posterior()
+            extra = getattr(self, "loadings_propagated_var_", None)
+            return self.get_model().loadings.posterior(extra)
+        (model, data, _), _ = self._fit_rows(X, size_factors, covariates)
+        extra = propagated_variances(model, data, factors=False)
+        return model.loadings.posterior(None if extra is None else extra["loadings"])
 
     def top_features(self, n_top=10, *, min_pip=0.5) -> list[dict]:
         """The features of each kept factor with PIP >= ``min_pip``, ranked by

@@ -33,6 +33,7 @@ from .distributed import SINGLE, Group
 from .expectation import Expectation, get_expectation
 from .initialization import initialize, initialize_streamed, working_response, working_weights
 from .likelihoods import Likelihood
+from .linear_response import propagated_variances
 from .model import SparseFactorModel
 from .monitor import Monitor
 from .progress import ProgressBar, showing_logs
@@ -515,6 +516,9 @@ class Fit:
     elbo: float  # of the model returned, on the training data (pruned factors off)
     #: (n_views, k) each view's share of ``contribution`` (multi-view fits; None otherwise)
     view_contribution: np.ndarray | None = None
+    #: the variance ``q(L)``'s and ``q(F)``'s components gain from the other side's
+    #: uncertainty (:func:`spfa.linear_response.propagated_variances`; None: not covered)
+    propagated: dict | None = None
 
 
 def fit_model(X, s, likelihood, settings: FitSettings, rng, start=None, covariates=None) -> Fit:
@@ -573,6 +577,7 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None, covaria
         monitor.close()
     if likelihood.views is not None:
         fit.view_contribution = view_contribution(model, paired_elbo(data, model, settings))
+    fit.propagated = propagated_variances(model, data, group)
     # per-window priors were recorded in the order of their phase; report them in the final one
     for key, windows in monitor.prior_history.items():
         if key != "step":
@@ -821,12 +826,15 @@ def orient_(model: SparseFactorModel) -> None:
 
 
 # ------------------------------------------------------------------ reporting
-def fitted_attributes(model: SparseFactorModel) -> dict:
-    """The fitted ``*_`` attributes a model gives the estimator (numpy)."""
+def fitted_attributes(model: SparseFactorModel, propagated: dict | None = None) -> dict:
+    """The fitted ``*_`` attributes a model gives the estimator (numpy), its posterior
+    summaries widened by ``propagated`` (see :class:`Fit`)."""
     out = {}
     for side in ("loadings", "factors"):
         family = getattr(model, side)
-        post = family.posterior()
+        extra = None if propagated is None else propagated[side]
+        post = family.posterior(extra)
+        out[f"{side}_propagated_var_"] = extra
         out[f"{side}_pip_"], out[f"{side}_sd_"], out[f"{side}_lfsr_"] = (
             post.pip,
             post.sd,
@@ -860,7 +868,7 @@ def fit_attributes(fit: Fit, X, group: Group = SINGLE) -> dict:
     (:func:`fitted_attributes`), its state, the training record and, for a
     likelihood without a positive mean (Gaussian), ``explained_variance_ratio_``
     (over every rank's rows of a data-parallel fit)."""
-    out = fitted_attributes(fit.model)
+    out = fitted_attributes(fit.model, fit.propagated)
     out["state_dict_"] = {k: v.detach().cpu().clone() for k, v in fit.model.state_dict().items()}
     out["elbo_contribution_"] = fit.contribution
     views = fit.model.likelihood.views

@@ -241,9 +241,26 @@ class PriorFamily(torch.nn.Module):
         estimator as ``{loadings,factors}_<key>_`` and logged to TensorBoard."""
         raise NotImplementedError
 
-    def posterior(self) -> Posterior:
-        """Summaries of ``q`` (float64 numpy), with switched-off factors exactly 0."""
+    def posterior(self, extra_var: np.ndarray | None = None) -> Posterior:
+        """Summaries of ``q`` (float64 numpy), with switched-off factors exactly 0.
+
+        Parameters
+        ----------
+        extra_var : ndarray of shape (m, k), optional
+            Variance that each normal component of ``q`` gains (the other side's
+            uncertainty, :mod:`spfa.linear_response`); None: ``q`` as fitted.
+        """
         raise NotImplementedError
+
+    @staticmethod
+    def _widened(log_prec: torch.Tensor, extra_var) -> torch.Tensor:
+        """Components' log-precisions (``[m, k]`` or ``[m, k, d]``) after each gains
+        ``extra_var`` (``[m, k]``) in variance."""
+        if extra_var is None:
+            return log_prec
+        extra = torch.as_tensor(extra_var, dtype=torch.float64, device=log_prec.device)
+        extra = extra.reshape(extra.shape + (1,) * (log_prec.ndim - extra.ndim))
+        return -torch.log(torch.exp(-log_prec.double()) + extra)
 
     # -- shared -----------------------------------------------------------------
     @torch.no_grad()

@@ -160,8 +160,9 @@ class NormalMixture(PriorFamily):
         }
 
     @torch.no_grad()
-    def posterior(self) -> NormalMixturePosterior:
+    def posterior(self, extra_var=None) -> NormalMixturePosterior:
         logits, mu, log_prec = self._rows(None, False)
+        log_prec = self._widened(log_prec, extra_var)
         active = to_numpy(self.active).astype(bool)
         return NormalMixturePosterior(
             to_numpy(torch.softmax(logits, -1)),

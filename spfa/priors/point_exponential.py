@@ -127,8 +127,8 @@ class PointExponential(PointMassFamily):
         }
 
     @torch.no_grad()
-    def posterior(self) -> PointExponentialPosterior:
-        scale = torch.exp(-0.5 * self.log_prec)
+    def posterior(self, extra_var=None) -> PointExponentialPosterior:
+        scale = torch.exp(-0.5 * self._widened(self.log_prec, extra_var))
         return PointExponentialPosterior(to_numpy(self.pip), to_numpy(self.mean), to_numpy(scale))
 
 

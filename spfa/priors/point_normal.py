@@ -235,10 +235,9 @@ class PointNormal(PointMassFamily):
         }
 
     @torch.no_grad()
-    def posterior(self) -> PointNormalPosterior:
-        return PointNormalPosterior(
-            to_numpy(self.pip), to_numpy(self.mean), to_numpy(torch.exp(-0.5 * self.log_prec))
-        )
+    def posterior(self, extra_var=None) -> PointNormalPosterior:
+        slab_sd = torch.exp(-0.5 * self._widened(self.log_prec, extra_var))
+        return PointNormalPosterior(to_numpy(self.pip), to_numpy(self.mean), to_numpy(slab_sd))
 
 
 class PointNormalPosterior(Posterior):

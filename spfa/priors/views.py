@@ -154,7 +154,9 @@ class ViewFamily(PriorFamily):
         parts = [part.prior_summary() for part in self.parts]
         return {key: torch.stack([s[key] for s in parts], 1) for key in parts[0]}
 
-    def posterior(self):
+    def posterior(self, extra_var=None):
+        if extra_var is not None:
+            raise ValueError("a multi-view fit's factors are not widened (spfa.linear_response)")
         posts = [part.posterior() for part in self.parts]
         cls = type(posts[0])
         return cls(*(self.views.join([getattr(p, f) for p in posts], 0) for f in cls.fields))

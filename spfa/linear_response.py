@@ -1,0 +1,191 @@
+"""Each side's posterior widened for the other side's uncertainty (linear response).
+
+Mean-field ``q(L) q(F)`` fits every loading as if the factors were known: its
+variance is, near enough, that of ``l_i`` given ``F``. But ``F`` is uncertain,
+and the best ``l_i`` moves with it. To first order (the linear response of
+Giordano, Broderick & Jordan 2015, taken one block at a time), with
+``ell_ij = log p(x_ij | eta_ij)`` at the plug-in ``eta = E[L] E[F]^T + ...``,
+``g_ij`` and ``h_ij`` its first and second derivatives in ``eta_ij``, and
+``tau`` the prior's precision (:meth:`spfa.priors.Family.prior_precision`)::
+
+    A_i   = diag(tau) - sum_j min(h_ij, 0) f_j f_j^T            (k x k)
+    C_ij  = d^2 ell_ij / dl_i df_j = h_ij f_j l_i^T + g_ij I
+    dl_i  = A_i^{-1} sum_j C_ij df_j
+    extra_i = diag(A_i^{-1} M_i A_i^{-1}),   M_i = sum_j C_ij V_j C_ij^T
+
+with ``V_j = diag(Var_q(f_j))`` and means for ``l_i`` and ``f_j``. Each normal
+component of ``q(l_i)`` then gains ``extra_i`` in variance; the same with the
+roles of ``L`` and ``F`` swapped widens ``q(F)``. (Clipping ``h`` at 0 keeps
+``A_i`` positive definite where a likelihood is not log-concave.)
+
+``M_i`` expands into three sums over ``j``, each a product of an ``[n, p]``
+grid with a ``[p, k^2]`` matrix, so the cost is ``O(n p k^2)`` with no
+``[n, p, k]`` array. On the sanity designs the loadings' intervals, 1.3-1.6x
+too narrow under mean-field VI in the count designs, widen by about 1.3x; the
+factors', which were about right, by about 1.04x (see the README).
+
+Not covered: the uncertainty of the intercept and of covariate effects (their
+means enter ``eta``), multi-view fits and zero-truncated likelihoods (their
+posteriors stay mean-field).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .distributed import SINGLE, Group
+
+__all__ = ["propagated_variances"]
+
+logger = logging.getLogger(__name__)
+
+#: most grid entries (rows x features) of one chunk
+CHUNK_ENTRIES = 2**22
+
+
+def _outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise outer products, ``[m, k * k]``."""
+    return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
+
+
+def _sums(g, h, a_mean, b_mean, b_var) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row ``i`` of ``A`` against the columns ``j`` of the grid, ``[m, k, k]``
+    each: ``-sum_j min(h_ij, 0) b_j b_j^T`` and ``M_i`` (the module's notation).
+
+    Parameters
+    ----------
+    g, h : Tensor of shape (m, q)
+        Derivatives of the log-likelihood in ``eta`` (0 where unobserved).
+    a_mean : Tensor of shape (m, k)
+    b_mean, b_var : Tensor of shape (q, k)
+    """
+    m, k = a_mean.shape
+    bb = _outer(b_mean, b_mean)
+    curvature = -(h.clamp(max=0.0) @ bb)
+    # sum_j h_ij^2 (sum_c a_ic^2 V_jc) b_j b_j^T
+    term1 = (h**2 * (a_mean**2 @ b_var.T)) @ bb
+    # sum_j h_ij g_ij b_j (V_j a_i)^T
+    term2 = ((h * g) @ _outer(b_mean, b_var)).view(m, k, k) * a_mean[:, None, :]
+    term3 = (g**2) @ b_var
+    M = term1.view(m, k, k) + term2 + term2.transpose(1, 2) + torch.diag_embed(term3)
+    return curvature.view(m, k, k), M
+
+
+def _extra_variance(curvature, M, tau) -> torch.Tensor:
+    """``diag(A^{-1} M A^{-1})`` with ``A = diag(tau) + curvature``, float64, ``[m, k]``
+    (``tau > 0``)."""
+    A = curvature.double() + torch.diag(tau.double())
+    chol = torch.linalg.cholesky(A)
+    left = torch.cholesky_solve(M.double(), chol)  # A^{-1} M
+    both = torch.cholesky_solve(left.transpose(1, 2), chol)  # A^{-1} M A^{-1} (M symmetric)
+    return torch.diagonal(both, dim1=1, dim2=2).clamp(min=0.0)
+
+
+def _derivatives(likelihood, x, mask, eta, log_s, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and second derivatives of ``log p(x | eta)`` in each ``eta_ij``, 0 where
+    the entry is unobserved or a derivative is not finite."""
+    eta = eta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        lp = likelihood.log_prob(x, eta, log_s, rows)
+        (g,) = torch.autograd.grad(lp.sum(), eta, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), eta)
+    g, h = g.detach(), h.detach()
+    keep = torch.isfinite(g) & torch.isfinite(h)
+    if mask is not None:
+        keep &= mask > 0
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    return torch.where(keep, g, zero), torch.where(keep, h, zero)
+
+
+def _supported(model) -> bool:
+    likelihood = model.likelihood
+    return likelihood.views is None and likelihood.observes_zeros
+
+
+def _chunks(data):
+    """``(x, mask, rows)`` blocks of at most ``CHUNK_ENTRIES`` entries over every batch,
+    with ``rows`` always a tensor of sample ids."""
+    n, p = data.shape
+    step = max(1, CHUNK_ENTRIES // p)
+    for i in range(data.n_batches):
+        batch = data.batch(i)
+        rows = batch.rows
+        if rows is None:
+            rows = torch.arange(batch.x.shape[0], device=batch.x.device)
+        for a in range(0, batch.x.shape[0], step):
+            mask = None if batch.mask is None else batch.mask[a : a + step]
+            yield batch.x[a : a + step], mask, rows[a : a + step]
+
+
+@torch.no_grad()
+def _block(model, data, x, mask, rows):
+    """The derivatives and moments of one block of rows."""
+    log_s = None if data.log_s is None else data.log_s[rows]
+    covariates = None if data.covariates is None else data.covariates[rows]
+    eta, _ = model.eta_moments(rows, covariates=covariates)
+    g, h = _derivatives(model.likelihood, x, mask, eta, log_s, rows)
+    ml, vl = model.loadings.moments(rows)
+    return g, h, ml, vl
+
+
+def propagated_variances(model, data, group: Group = SINGLE, factors: bool = True):
+    """The variance each normal component of ``q(L)`` (and ``q(F)``) gains from the
+    other side's uncertainty.
+
+    Parameters
+    ----------
+    model : spfa.model.SparseFactorModel
+        Fitted.
+    data : spfa.data.RowBatches
+        Its data, as dense blocks: the training data, or new rows fitted with the
+        factors held fixed (then ``factors=False``).
+    group : spfa.distributed.Group
+        The ranks of a data-parallel fit (the factors' sums run over all rows).
+    factors : bool
+        Also widen ``q(F)``.
+
+    Returns
+    -------
+    dict or None
+        ``{"loadings": ndarray (n, k), "factors": ndarray (p, k)}`` (float64; this
+        rank's rows for the loadings; no ``"factors"`` unless asked), or None where
+        not covered (see the module notes).
+    """
+    if not _supported(model) or data.entries:
+        return None
+    n, p = data.shape
+    with torch.no_grad():
+        mf, vf = model.factors.moments()
+        tau_l = _precision(model.loadings, model.factors.active)
+    k = mf.shape[1]
+    extra_l = torch.zeros((n, k), dtype=torch.float64, device=mf.device)
+    curv_f = torch.zeros((p, k, k) if factors else (0, k, k), dtype=torch.float64, device=mf.device)
+    M_f = torch.zeros_like(curv_f)
+    for x, mask, rows in _chunks(data):
+        g, h, ml, vl = _block(model, data, x, mask, rows)
+        extra_l[rows] = _extra_variance(*_sums(g, h, ml, mf, vf), tau_l)
+        if factors:
+            c, M = _sums(g.T, h.T, mf, ml, vl)
+            curv_f += c.double()
+            M_f += M.double()
+    out = {"loadings": extra_l.cpu().numpy()}
+    if factors:
+        group.sum_(curv_f)
+        group.sum_(M_f)
+        with torch.no_grad():
+            tau_f = _precision(model.factors, model.factors.active)
+        out["factors"] = _extra_variance(curv_f, M_f, tau_f).cpu().numpy()
+    if not all(np.isfinite(v).all() for v in out.values()):
+        logger.warning("the propagated variances are not finite; the posteriors stay mean-field")
+        return None
+    return out
+
+
+def _precision(family, active) -> torch.Tensor:
+    """The prior's precision per factor, ``[k]``; 1 for a switched-off factor, whose
+    means and variances are 0, so that it gains nothing whatever its prior."""
+    tau = family.prior_precision()
+    return torch.where(active > 0, tau, torch.ones_like(tau))

@@ -1,0 +1,147 @@
+"""The posteriors widened for the other side's uncertainty (spfa.linear_response)."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import optimize
+
+from spfa import SparseFactorAnalysis
+from spfa.likelihoods import get_likelihood
+from spfa.linear_response import _derivatives, _extra_variance, _sums
+from spfa.simulate import MATCHED_FIT, simulate
+
+
+def _brute_force(g, h, a, b, v, tau):
+    """``diag(sum_j J_ij V_j J_ij^T)`` with ``J_ij = A_i^{-1} C_ij``, entry by entry."""
+    m, k = a.shape
+    out = np.zeros((m, k))
+    for i in range(m):
+        A = np.diag(tau) - sum(min(h[i, j], 0.0) * np.outer(b[j], b[j]) for j in range(len(b)))
+        acc = np.zeros((k, k))
+        for j in range(len(b)):
+            C = h[i, j] * np.outer(b[j], a[i]) + g[i, j] * np.eye(k)
+            J = np.linalg.solve(A, C)
+            acc += J @ np.diag(v[j]) @ J.T
+        out[i] = np.diag(acc)
+    return out
+
+
+def test_the_sums_over_entries_match_the_brute_force_response():
+    rng = np.random.default_rng(0)
+    m, q, k = 4, 9, 3
+    g, h = rng.normal(size=(m, q)), rng.normal(size=(m, q)) - 0.5  # some h > 0: clipped in A
+    a, b = rng.normal(size=(m, k)), rng.normal(size=(q, k))
+    v, tau = rng.uniform(0.1, 1.0, size=(q, k)), rng.uniform(0.5, 2.0, size=k)
+    t = [torch.as_tensor(z) for z in (g, h, a, b, v)]
+    got = _extra_variance(*_sums(*t), torch.as_tensor(tau)).numpy()
+    np.testing.assert_allclose(got, _brute_force(g, h, a, b, v, tau), rtol=1e-10)
+
+
+def test_the_response_is_how_the_best_loading_moves_with_the_factors():
+    """Oracle: the row's MAP loadings given F, solved by scipy and differentiated in F by
+    central differences; their variance under Var(F) is what the module adds."""
+    rng = np.random.default_rng(1)
+    p, k = 40, 2
+    f, b = rng.normal(0, 0.5, size=(p, k)), rng.normal(0.5, 0.3, size=p)
+    v, tau = rng.uniform(0.01, 0.05, size=(p, k)), np.array([1.0, 4.0])
+    x = rng.poisson(np.exp(f @ np.array([0.8, -0.5]) + b)).astype(float)
+
+    def best(f):
+        def neg(z):
+            eta = f @ z + b
+            value = -(x @ eta - np.exp(eta).sum()) + 0.5 * tau @ z**2
+            return value, -(f.T @ (x - np.exp(eta))) + tau * z
+
+        def hess(z):
+            return f.T @ (np.exp(f @ z + b)[:, None] * f) + np.diag(tau)
+
+        res = optimize.minimize(
+            neg, np.zeros(k), jac=True, hess=hess, method="trust-exact", options={"gtol": 1e-13}
+        )
+        return res.x
+
+    l_star, step = best(f), 1e-5
+    jac = np.zeros((k, p, k))  # d l* / d f_ja
+    for j in range(p):
+        for a in range(k):
+            up, down = f.copy(), f.copy()
+            up[j, a] += step
+            down[j, a] -= step
+            jac[:, j, a] = (best(up) - best(down)) / (2 * step)
+    oracle = np.einsum("cja,ja,dja->cd", jac, v, jac).diagonal()
+
+    lik = get_likelihood("poisson", link="exp")
+    eta = torch.as_tensor(f @ l_star + b)[None]
+    g, h = _derivatives(lik, torch.as_tensor(x)[None], None, eta, None, None)
+    t = [torch.as_tensor(z) for z in (l_star[None], f, v)]
+    got = _extra_variance(*_sums(g, h, *t), torch.as_tensor(tau)).numpy()[0]
+    np.testing.assert_allclose(got, oracle, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    sim = simulate(seed=1, likelihood="poisson")
+    est = SparseFactorAnalysis(2, random_state=0, max_iter=300, **MATCHED_FIT)
+    est.fit(sim.x)
+    return est, sim
+
+
+def test_fit_widens_both_sides_and_reports_the_widened_summaries(fitted):
+    est, sim = fitted
+    model = est.get_model()
+    kept = est.active_components_
+    assert kept.any()
+    for side in ("loadings", "factors"):
+        extra = getattr(est, f"{side}_propagated_var_")
+        assert extra.shape == getattr(est, f"{side}_sd_").shape
+        assert np.isfinite(extra).all() and (extra >= 0).all()
+        widened = getattr(est, f"{side}_posterior")()
+        plain = getattr(model, side).posterior()
+        assert (widened.sd >= plain.sd).all()
+        assert (widened.sd[:, kept] > plain.sd[:, kept]).any()
+        np.testing.assert_array_equal(getattr(est, f"{side}_sd_"), widened.sd)
+        np.testing.assert_array_equal(getattr(est, f"{side}_lfsr_"), widened.lfsr)
+        np.testing.assert_array_equal(widened.pip, plain.pip)
+        np.testing.assert_array_equal(widened.mean, plain.mean)
+    # the loadings, fitted with the factors as if known, gain more than the factors
+    rel = {}
+    for side in ("loadings", "factors"):
+        slab_var = getattr(model, side).posterior().slab_sd[:, kept] ** 2
+        rel[side] = np.median(getattr(est, f"{side}_propagated_var_")[:, kept] / slab_var)
+    assert rel["loadings"] > rel["factors"]
+
+
+def test_new_rows_are_widened_and_a_saved_fit_keeps_its_widening(fitted, tmp_path):
+    est, sim = fitted
+    (model, _, _), _ = est._fit_rows(sim.x[:10], None)
+    widened = est.loadings_posterior(sim.x[:10])
+    assert (widened.sd >= model.loadings.posterior().sd).all()
+    assert (widened.sd > model.loadings.posterior().sd).any()
+    path = tmp_path / "fit.spfa"
+    est.save(path)
+    back = SparseFactorAnalysis.load(path)
+    np.testing.assert_array_equal(back.factors_posterior().sd, est.factors_posterior().sd)
+    np.testing.assert_array_equal(back.loadings_posterior().sd, est.loadings_posterior().sd)
+
+
+def test_planted_loadings_are_covered_after_widening():
+    """The sanity checks' Gaussian design, seed 2: mean-field 95 % intervals of the dense
+    factor's 90 non-zero loadings cover 81 (0.90); widened, 87 (0.97)."""
+    from simulations.peers import fit_spfa
+    from simulations.sanity_checks import DESIGNS, K, _gauged_posteriors
+    from spfa.evaluation import match_factors, posterior_checks
+    from spfa.priors.point_normal import PointNormalPosterior
+
+    sim = simulate(seed=2, **DESIGNS["gaussian"])
+    fit = fit_spfa(sim.x, K, "gaussian", None, 2)
+    match = match_factors(fit.loadings, fit.factors, sim.loadings, sim.factors)
+    (_, post, truth), _ = _gauged_posteriors(fit, sim, match)
+    dense = match.order[0]
+    plain = fit.estimator.get_model().loadings.posterior()
+
+    def covered(p):
+        cols = [dense]
+        one = PointNormalPosterior(p.pip[:, cols], p.slab_mean[:, cols], p.slab_sd[:, cols])
+        return posterior_checks(one, truth[:, [dense]])["coverage_nonzero"]
+
+    assert covered(plain) < 0.93 <= covered(post)
