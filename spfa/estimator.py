@@ -149,7 +149,13 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     loadings_pip_, factors_pip_, loadings_sd_, factors_sd_, loadings_lfsr_, factors_lfsr_ :
         ndarray of shape (n_samples | n_features, n_components): posterior
         inclusion probability (1 for a family without a point mass), sd and
-        local false sign rate. Intervals: :meth:`factors_posterior`.
+        local false sign rate, of the posteriors widened for the other side's
+        uncertainty. Intervals: :meth:`factors_posterior`.
+    loadings_propagated_var_, factors_propagated_var_ : ndarray or None
+        Of shape (n_samples | n_features, n_components).
+        The variance each normal component of ``q(L)`` (``q(F)``) gains from the
+        uncertainty of ``F`` (``L``): :mod:`spfa.linear_response`. None where it is not
+        widened (point-exponential prior, multi-view or zero-truncated fits).
     loadings_prior_<key>_, factors_prior_<key>_ : ndarray of shape (n_components, ...)
         The learned prior per factor: ``pi`` and ``scale`` for the point
         families, ``scale`` and ``weights`` for the normal mixture.
@@ -539,8 +545,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             extra = getattr(self, "loadings_propagated_var_", None)
             return self.get_model().loadings.posterior(extra)
         (model, data, _), _ = self._fit_rows(X, size_factors, covariates)
-        extra = propagated_variances(model, data, factors=False)
-        return model.loadings.posterior(None if extra is None else extra["loadings"])
+        extra = propagated_variances(model, data, factors=False)["loadings"]
+        return model.loadings.posterior(extra)
 
     def top_features(self, n_top=10, *, min_pip=0.5) -> list[dict]:
         """The features of each kept factor with PIP >= ``min_pip``, ranked by

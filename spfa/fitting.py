@@ -577,7 +577,8 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None, covaria
         monitor.close()
     if likelihood.views is not None:
         fit.view_contribution = view_contribution(model, paired_elbo(data, model, settings))
-    fit.propagated = propagated_variances(model, data, group)
+    if not fit.result.interrupted:  # an interrupted fit returns at once
+        fit.propagated = propagated_variances(model, data, group)
     # per-window priors were recorded in the order of their phase; report them in the final one
     for key, windows in monitor.prior_history.items():
         if key != "step":

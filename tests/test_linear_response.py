@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 from scipy import optimize
+from sklearn.exceptions import ConvergenceWarning
 
-from spfa import SparseFactorAnalysis
+from spfa import SparseFactorAnalysis, linear_response
+from spfa.data import RowBatches
 from spfa.likelihoods import get_likelihood
-from spfa.linear_response import _derivatives, _extra_variance, _sums
+from spfa.linear_response import _derivatives, _extra_variance, _sums, propagated_variances
 from spfa.simulate import MATCHED_FIT, simulate
 
 
@@ -145,3 +147,50 @@ def test_planted_loadings_are_covered_after_widening():
         return posterior_checks(one, truth[:, [dense]])["coverage_nonzero"]
 
     assert covered(plain) < 0.93 <= covered(post)
+
+
+def test_a_matrix_that_is_not_positive_definite_gives_nan_not_an_error():
+    curvature = torch.zeros((2, 2, 2), dtype=torch.float64)
+    M = torch.eye(2, dtype=torch.float64).expand(2, 2, 2).clone()
+    curvature[1] = -3.0 * torch.eye(2)  # A = diag(tau) - 3 I: indefinite in row 1
+    got = _extra_variance(curvature, M, torch.tensor([1.0, 2.0]))
+    np.testing.assert_allclose(got[0], [1.0, 0.25])
+    assert torch.isnan(got[1]).all()
+
+
+def test_row_chunks_and_feature_blocks_do_not_change_the_result(fitted, monkeypatch):
+    est, sim = fitted
+    model = est.get_model()
+    data = RowBatches(sim.x, None, None, entries=False, device="cpu", seed=0)
+    whole = propagated_variances(model, data)
+    k = model.factors.k
+    monkeypatch.setattr(linear_response, "CHUNK_ENTRIES", 7 * sim.x.shape[1])
+    monkeypatch.setattr(linear_response, "FACTOR_ENTRIES", 11 * k * k)
+    parts = propagated_variances(model, data)
+    for side in ("loadings", "factors"):
+        np.testing.assert_allclose(parts[side], whole[side], rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(whole[side], getattr(est, f"{side}_propagated_var_"))
+
+
+def test_a_family_whose_mean_moves_with_its_scale_is_not_widened():
+    sim = simulate(seed=1, likelihood="poisson")
+    est = SparseFactorAnalysis(2, prior="point_exponential", random_state=0, max_iter=100)
+    with pytest.warns(ConvergenceWarning):
+        est.fit(sim.x)
+    assert est.loadings_propagated_var_ is None and est.factors_propagated_var_ is None
+    plain = est.get_model().factors.posterior()
+    np.testing.assert_array_equal(est.factors_posterior().sd, plain.sd)
+    np.testing.assert_array_equal(est.components_, plain.mean.T)
+    with pytest.raises(ValueError, match="not widened"):
+        est.get_model().factors.posterior(np.zeros(plain.shape))
+
+
+@pytest.mark.parametrize("bad", [-1.0, np.nan, "shape"])
+def test_a_bad_widening_is_refused(fitted, bad):
+    est, _ = fitted
+    family = est.get_model().factors
+    extra = (
+        np.zeros((family.m + 1, family.k)) if bad == "shape" else np.full((family.m, family.k), bad)
+    )
+    with pytest.raises(ValueError, match="extra_var must be finite, non-negative"):
+        family.posterior(extra)

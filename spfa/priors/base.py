@@ -102,6 +102,10 @@ class PriorFamily(torch.nn.Module):
     #: whether the prior is symmetric about 0, so that negating a factor (:meth:`flip_`)
     #: leaves its KL unchanged (False: the factors keep their sign)
     sign_symmetric: bool = False
+    #: ``q``'s components are normals whose mean does not depend on their variance, so
+    #: that the other side's uncertainty can widen them (:mod:`spfa.linear_response`)
+    #: without moving the posterior mean
+    widens: bool = False
 
     def __init__(self, m: int, k: int):
         super().__init__()
@@ -252,13 +256,19 @@ class PriorFamily(torch.nn.Module):
         """
         raise NotImplementedError
 
-    @staticmethod
-    def _widened(log_prec: torch.Tensor, extra_var) -> torch.Tensor:
+    def _widened(self, log_prec: torch.Tensor, extra_var) -> torch.Tensor:
         """Components' log-precisions (``[m, k]`` or ``[m, k, d]``) after each gains
-        ``extra_var`` (``[m, k]``) in variance."""
+        ``extra_var`` (``[m, k]``) in variance (only for a family that ``widens``)."""
         if extra_var is None:
             return log_prec
-        extra = torch.as_tensor(extra_var, dtype=torch.float64, device=log_prec.device)
+        if not self.widens:
+            raise ValueError(f"the {self.name} family's posterior is not widened")
+        extra = np.asarray(extra_var, dtype=np.float64)
+        if extra.shape != (self.m, self.k) or not np.all(np.isfinite(extra) & (extra >= 0)):
+            raise ValueError(
+                f"extra_var must be finite, non-negative and of shape {(self.m, self.k)}"
+            )
+        extra = torch.as_tensor(extra, device=log_prec.device)
         extra = extra.reshape(extra.shape + (1,) * (log_prec.ndim - extra.ndim))
         return -torch.log(torch.exp(-log_prec.double()) + extra)
 

@@ -45,6 +45,7 @@ class NormalMixture(PriorFamily):
     """
 
     name = "normal_mixture"
+    widens = True
     sign_symmetric = True
     n_values = len(GRID_MULTIPLIERS)
     row_parameter_names = ("logits", "mean", "log_prec")

@@ -128,6 +128,7 @@ class PointExponential(PointMassFamily):
 
     @torch.no_grad()
     def posterior(self, extra_var=None) -> PointExponentialPosterior:
+        # not widened: a truncated normal's mean moves with its scale
         scale = torch.exp(-0.5 * self._widened(self.log_prec, extra_var))
         return PointExponentialPosterior(to_numpy(self.pip), to_numpy(self.mean), to_numpy(scale))
 

@@ -154,6 +154,7 @@ class PointNormal(PointMassFamily):
     """
 
     name = "point_normal"
+    widens = True
     sign_symmetric = True
     prior_parameter_names = ("prior_logit", "prior_log_prec")
 
