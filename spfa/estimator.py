@@ -33,7 +33,6 @@ from ._validation import (
 from .distributed import SINGLE, current_group
 from .expectation import get_expectation
 from .likelihoods import get_likelihood, view_likelihood
-from .linear_response import propagated_variances
 from .persistence import load_estimator, save_estimator
 from .posterior import Posterior, top_features
 from .priors import resolve_priors
@@ -545,8 +544,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             extra = getattr(self, "loadings_propagated_var_", None)
             return self.get_model().loadings.posterior(extra)
         (model, data, _), _ = self._fit_rows(X, size_factors, covariates)
-        extra = propagated_variances(model, data, factors=False)["loadings"]
-        return model.loadings.posterior(extra)
+        return fitting.rows_posterior(model, data)
 
     def top_features(self, n_top=10, *, min_pip=0.5) -> list[dict]:
         """The features of each kept factor with PIP >= ``min_pip``, ranked by

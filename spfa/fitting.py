@@ -36,6 +36,7 @@ from .likelihoods import Likelihood
 from .linear_response import propagated_variances
 from .model import SparseFactorModel
 from .monitor import Monitor
+from .posterior import Posterior
 from .progress import ProgressBar, showing_logs
 from .training import TrainResult, train
 from .views import size_grid
@@ -482,26 +483,22 @@ def _step_groups(model, params) -> list[dict]:
     step ``likelihood.data_unit`` times further, so that Adam, whose steps are in the
     parameters' own units, fits data in any units alike."""
     names = {id(p): name.rsplit(".", 1)[-1] for name, p in model.named_parameters()}
-    located = {id(p) for p in model.location_parameters()}
-    log_scale = [p for p in params if names.get(id(p)) in LOG_SCALE_NAMES]
-    units = [p for p in params if id(p) in located and names.get(id(p)) not in LOG_SCALE_NAMES]
-    rest = [p for p in params if names.get(id(p)) not in LOG_SCALE_NAMES and id(p) not in located]
-    groups = [{"params": rest}, {"params": log_scale, "lr_scale": LOG_SCALE_STEP}]
-    views = model.likelihood.views
-    if views is not None:  # each view's factors step in that view's units
+    unit = {id(p): float(model.likelihood.data_unit) for p in model.location_parameters()}
+    if model.likelihood.views is not None:  # each view's factors step in that view's units
         for part, lik in zip(model.factors.parts, model.likelihood.parts, strict=True):
-            own = {id(p) for p in part.location_parameters()}
-            groups.append(
-                {"params": [p for p in units if id(p) in own], "lr_scale": float(lik.data_unit)}
-            )
-            units = [p for p in units if id(p) not in own]
-    groups.append({"params": units, "lr_scale": float(model.likelihood.data_unit)})
+            unit.update({id(p): float(lik.data_unit) for p in part.location_parameters()})
+
+    def scale(p) -> float:
+        if names.get(id(p)) in LOG_SCALE_NAMES:
+            return LOG_SCALE_STEP
+        return unit.get(id(p), 1.0)
+
     # one group per step size: the fused Adam runs once per group (counts, whose unit
     # is 1, need two rather than three)
-    merged: dict[float, list] = {}
-    for group in groups:
-        merged.setdefault(group.get("lr_scale", 1.0), []).extend(group["params"])
-    return [{"params": ps, "lr_scale": scale} for scale, ps in merged.items()]
+    groups: dict[float, list] = {}
+    for p in params:
+        groups.setdefault(scale(p), []).append(p)
+    return [{"params": ps, "lr_scale": lr_scale} for lr_scale, ps in groups.items()]
 
 
 @dataclass
@@ -661,6 +658,12 @@ def fit_rows(state, X, s, likelihood, settings: FitSettings, rng, covariates=Non
     if result.interrupted:  # new rows' loadings are not kept: there is nowhere to keep them
         raise KeyboardInterrupt(result.message)
     return model, data, result
+
+
+def rows_posterior(model, data: RowBatches) -> Posterior:
+    """The loadings' posterior of the rows of :func:`fit_rows`, widened for the factors'
+    uncertainty (:mod:`spfa.linear_response`)."""
+    return model.loadings.posterior(propagated_variances(model, data, factors=False)["loadings"])
 
 
 def score_rows(model, data: RowBatches, settings: FitSettings) -> float:

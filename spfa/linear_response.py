@@ -125,8 +125,7 @@ def _chunks(data, k: int):
     """``(x, mask, rows)`` blocks over every batch, each with at most ``CHUNK_ENTRIES``
     entries in its grid and in its ``[rows, k, k]`` sums, with ``rows`` always a tensor
     of sample ids."""
-    n, p = data.shape
-    step = max(1, CHUNK_ENTRIES // max(p, k * k))
+    step = max(1, CHUNK_ENTRIES // max(data.shape[1], k * k))
     for i in range(data.n_batches):
         batch = data.batch(i)
         rows = batch.rows
@@ -188,12 +187,12 @@ def propagated_variances(model, data, group: Group = SINGLE, factors: bool = Tru
     # the features in blocks whose [block, k, k] sums fit in FACTOR_ENTRIES
     width = max(1, FACTOR_ENTRIES // (k * k))
     blocks = [(a, min(a + width, p)) for a in range(0, p, width)] if factors else [(0, 0)]
-    for first, (a, e) in enumerate(blocks):
+    for block, (a, e) in enumerate(blocks):
         curv_f = torch.zeros((e - a, k, k), dtype=torch.float64, device=mf.device)
         M_f = torch.zeros_like(curv_f)
         for x, mask, rows in _chunks(data, k):
             g, h, ml, vl = _block(model, data, x, mask, rows)
-            if loadings and first == 0:
+            if loadings and block == 0:  # the loadings, in the first pass
                 extra_l[rows] = _extra_variance(*_sums(g, h, ml, mf, vf), tau_l)
             if factors:
                 c, M = _sums(g[:, a:e].T, h[:, a:e].T, mf[a:e], ml, vl)
