@@ -537,14 +537,15 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     def loadings_posterior(self, X=None, *, size_factors=None, covariates=None) -> Posterior:
         """Posterior of ``L``: of the training rows, or of new rows ``X`` (fitted as in
         :meth:`transform`); widened for the factors' uncertainty
-        (:mod:`spfa.linear_response`)."""
+        (:mod:`spfa.linear_response`) where the training rows' posterior is."""
         if X is None:
             if size_factors is not None or covariates is not None:
                 raise ValueError("size_factors and covariates are only used with new rows X")
             extra = getattr(self, "loadings_propagated_var_", None)
             return self.get_model().loadings.posterior(extra)
         (model, data, _), _ = self._fit_rows(X, size_factors, covariates)
-        return fitting.rows_posterior(model, data)
+        widened = getattr(self, "loadings_propagated_var_", None) is not None
+        return fitting.rows_posterior(model, data, widen=widened)
 
     def top_features(self, n_top=10, *, min_pip=0.5) -> list[dict]:
         """The features of each kept factor with PIP >= ``min_pip``, ranked by

@@ -660,9 +660,12 @@ def fit_rows(state, X, s, likelihood, settings: FitSettings, rng, covariates=Non
     return model, data, result
 
 
-def rows_posterior(model, data: RowBatches) -> Posterior:
+def rows_posterior(model, data: RowBatches, widen: bool = True) -> Posterior:
     """The loadings' posterior of the rows of :func:`fit_rows`, widened for the factors'
-    uncertainty (:mod:`spfa.linear_response`)."""
+    uncertainty (:mod:`spfa.linear_response`) if ``widen``: as the training rows were, so
+    that new rows and training rows are summarised alike."""
+    if not widen:
+        return model.loadings.posterior()
     return model.loadings.posterior(propagated_variances(model, data, factors=False)["loadings"])
 
 

@@ -126,6 +126,20 @@ def test_new_rows_are_widened_and_a_saved_fit_keeps_its_widening(fitted, tmp_pat
     np.testing.assert_array_equal(back.loadings_posterior().sd, est.loadings_posterior().sd)
 
 
+def test_new_rows_are_not_widened_where_the_training_rows_were_not(fitted):
+    """A fit whose loadings stayed mean-field (widening not finite, or interrupted)
+    summarises new rows the same way, not one side widened and the other not."""
+    est, sim = fitted
+    (model, _, _), _ = est._fit_rows(sim.x[:10], None)
+    plain = model.loadings.posterior()
+    est.loadings_propagated_var_, kept = None, est.loadings_propagated_var_
+    try:
+        np.testing.assert_allclose(est.loadings_posterior(sim.x[:10]).sd, plain.sd)
+    finally:
+        est.loadings_propagated_var_ = kept
+    assert (est.loadings_posterior(sim.x[:10]).sd > plain.sd).any()
+
+
 def test_planted_loadings_are_covered_after_widening():
     """The sanity checks' Gaussian design, seed 2: mean-field 95 % intervals of the dense
     factor's 90 non-zero loadings cover 81 (0.90); widened, 87 (0.97)."""
