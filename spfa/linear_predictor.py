@@ -133,6 +133,12 @@ class LinearPredictor:
     mb: torch.Tensor | None = None
     vb: torch.Tensor | None = None
 
+    def mean(self) -> torch.Tensor:
+        """``E[eta]``, ``[n, p]`` (one product)."""
+        if self.mb is None:
+            return self.ml @ self.mf.T
+        return torch.addmm(self.mb, self.ml, self.mf.T)
+
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``E[eta]`` and ``V[eta]``, ``[n, p]`` each (one product per moment)."""
         ml, vl, mf, vf = self.ml, self.vl, self.mf, self.vf

@@ -141,7 +141,7 @@ def _block(model, data, x, mask, rows):
     """The derivatives and moments of one block of rows."""
     log_s = None if data.log_s is None else data.log_s[rows]
     covariates = None if data.covariates is None else data.covariates[rows]
-    eta, _ = model.eta_moments(rows, covariates=covariates)
+    eta = model.linear_predictor(rows, covariates).mean()
     g, h = _derivatives(model.likelihood, x, mask, eta, log_s, rows)
     ml, vl = model.loadings.moments(rows)
     return g, h, ml, vl

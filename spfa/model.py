@@ -342,8 +342,7 @@ class SparseFactorModel(torch.nn.Module):
         self, log_s: torch.Tensor | None = None, covariates: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Plug-in mean ``s h(E[eta])`` on the data scale, ``[n, p]``."""
-        mean, _ = self.eta_moments(covariates=covariates)
-        return self.likelihood.mean(mean, log_s)
+        return self.likelihood.mean(self.linear_predictor(None, covariates).mean(), log_s)
 
 
 def _sum_by_view(ll: torch.Tensor, views, cols: torch.Tensor | None) -> torch.Tensor:
