@@ -16,7 +16,10 @@ Giordano, Broderick & Jordan 2015, taken one block at a time), with
 with ``V_j = diag(Var_q(f_j))`` and means for ``l_i`` and ``f_j``. Each normal
 component of ``q(l_i)`` then gains ``extra_i`` in variance; the same with the
 roles of ``L`` and ``F`` swapped widens ``q(F)``. (Clipping ``h`` at 0 keeps
-``A_i`` positive definite where a likelihood is not log-concave.)
+``A_i`` positive definite where a likelihood is not log-concave.) The intercept
+``b_j`` and the covariate effects ``B_j`` are on the features' side too, with
+known coefficients on the samples' (1 and ``z_i``): their variance enters ``M_i``
+as ``sum_j h_ij^2 (V[b_j] + sum_c z_ic^2 V[B_jc]) f_j f_j^T``.
 
 ``M_i`` expands into three sums over ``j``, each a product of an ``[n, p]``
 grid with a ``[p, k^2]`` matrix, so the cost is ``O(n p k^2)`` with no
@@ -28,10 +31,11 @@ widen little (see the README).
 
 Only families whose components are normals (``PriorFamily.widens``: point-normal,
 normal mixture) are widened, so that the posterior means stay as fitted; a
-truncated normal's mean would move with its scale. Not covered either: the
-uncertainty of the intercept and of covariate effects (their means enter
-``eta``), multi-view fits and zero-truncated likelihoods; their posteriors stay
-mean-field.
+truncated normal's mean would move with its scale. Not covered either:
+multi-view fits and zero-truncated likelihoods, whose posteriors stay
+mean-field; and, in the factors' widening, the intercept's uncertainty, which
+couples with ``f_j`` inside the same feature's block (one block at a time
+leaves that out).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def _outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
 
 
-def _sums(g, h, a_mean, b_mean, b_var) -> tuple[torch.Tensor, torch.Tensor]:
+def _sums(g, h, a_mean, b_mean, b_var, other_var=None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row ``i`` of ``A`` against the columns ``j`` of the grid, ``[m, k, k]``
     each: ``-sum_j min(h_ij, 0) b_j b_j^T`` and ``M_i`` (the module's notation).
 
@@ -69,12 +73,19 @@ def _sums(g, h, a_mean, b_mean, b_var) -> tuple[torch.Tensor, torch.Tensor]:
         Derivatives of the log-likelihood in ``eta`` (0 where unobserved).
     a_mean : Tensor of shape (m, k)
     b_mean, b_var : Tensor of shape (q, k)
+    other_var : Tensor of shape (m, q) or (q,), optional
+        The variance ``eta_ij`` has from the other effects on ``b``'s side, whose
+        ``a``-side coefficients are known (the intercept, coefficient 1; covariate
+        effects, coefficient the covariate): it moves ``a_i`` as ``b_j``'s does.
     """
     m, k = a_mean.shape
     bb = _outer(b_mean, b_mean)
     curvature = -(h.clamp(max=0.0) @ bb)
-    # sum_j h_ij^2 (sum_c a_ic^2 V_jc) b_j b_j^T
-    term1 = (h**2 * (a_mean**2 @ b_var.T)) @ bb
+    # sum_j h_ij^2 (sum_c a_ic^2 V_jc + other_ij) b_j b_j^T
+    var = a_mean**2 @ b_var.T
+    if other_var is not None:
+        var = var + other_var
+    term1 = (h**2 * var) @ bb
     # sum_j h_ij g_ij b_j (V_j a_i)^T
     term2 = ((h * g) @ _outer(b_mean, b_var)).view(m, k, k) * a_mean[:, None, :]
     term3 = (g**2) @ b_var
@@ -138,13 +149,19 @@ def _chunks(data, k: int):
 
 @torch.no_grad()
 def _block(model, data, x, mask, rows):
-    """The derivatives and moments of one block of rows."""
+    """The derivatives and moments of one block of rows: ``g, h, E[L], V[L]`` and the
+    variance of ``eta`` from the intercept and covariate effects (None without them)."""
     log_s = None if data.log_s is None else data.log_s[rows]
     covariates = None if data.covariates is None else data.covariates[rows]
-    eta = model.linear_predictor(rows, covariates).mean()
-    g, h = _derivatives(model.likelihood, x, mask, eta, log_s, rows)
-    ml, vl = model.loadings.moments(rows)
-    return g, h, ml, vl
+    eta = model.linear_predictor(rows, covariates)
+    g, h = _derivatives(model.likelihood, x, mask, eta.mean(), log_s, rows)
+    k = model.loadings.active.shape[0]
+    other = None
+    if eta.ml.shape[1] > k:  # covariates: known loadings, their effects' variance
+        other = eta.ml[:, k:] ** 2 @ eta.vf[:, k:].T
+    if eta.vb is not None:
+        other = eta.vb if other is None else other + eta.vb
+    return g, h, eta.ml[:, :k], eta.vl[:, :k], other
 
 
 def propagated_variances(model, data, group: Group = SINGLE, factors: bool = True) -> dict:
@@ -191,9 +208,9 @@ def propagated_variances(model, data, group: Group = SINGLE, factors: bool = Tru
         curv_f = torch.zeros((e - a, k, k), dtype=torch.float64, device=mf.device)
         M_f = torch.zeros_like(curv_f)
         for x, mask, rows in _chunks(data, k):
-            g, h, ml, vl = _block(model, data, x, mask, rows)
+            g, h, ml, vl, other = _block(model, data, x, mask, rows)
             if loadings and block == 0:  # the loadings, in the first pass
-                extra_l[rows] = _extra_variance(*_sums(g, h, ml, mf, vf), tau_l)
+                extra_l[rows] = _extra_variance(*_sums(g, h, ml, mf, vf, other), tau_l)
             if factors:
                 c, M = _sums(g[:, a:e].T, h[:, a:e].T, mf[a:e], ml, vl)
                 curv_f += c.double()

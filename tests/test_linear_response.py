@@ -13,17 +13,21 @@ from spfa.linear_response import _derivatives, _extra_variance, _sums, propagate
 from spfa.simulate import MATCHED_FIT, simulate
 
 
-def _brute_force(g, h, a, b, v, tau):
-    """``diag(sum_j J_ij V_j J_ij^T)`` with ``J_ij = A_i^{-1} C_ij``, entry by entry."""
+def _brute_force(g, h, a, b, v, tau, other=None):
+    """``diag(sum_j J_ij V_j J_ij^T)`` with ``J_ij = A_i^{-1} C_ij``, entry by entry;
+    ``other``: the variance of one more effect on ``b``'s side, coefficient 1 on ``a``'s."""
     m, k = a.shape
     out = np.zeros((m, k))
     for i in range(m):
         A = np.diag(tau) - sum(min(h[i, j], 0.0) * np.outer(b[j], b[j]) for j in range(len(b)))
         acc = np.zeros((k, k))
         for j in range(len(b)):
-            C = h[i, j] * np.outer(b[j], a[i]) + g[i, j] * np.eye(k)
+            # columns: b_j's k entries, then the other effect's
+            own = h[i, j] * np.outer(b[j], a[i]) + g[i, j] * np.eye(k)
+            C = np.hstack([own, h[i, j] * b[j][:, None]])
+            V = np.diag(np.append(v[j], 0.0 if other is None else other[i, j]))
             J = np.linalg.solve(A, C)
-            acc += J @ np.diag(v[j]) @ J.T
+            acc += J @ V @ J.T
         out[i] = np.diag(acc)
     return out
 
@@ -37,18 +41,23 @@ def test_the_sums_over_entries_match_the_brute_force_response():
     t = [torch.as_tensor(z) for z in (g, h, a, b, v)]
     got = _extra_variance(*_sums(*t), torch.as_tensor(tau)).numpy()
     np.testing.assert_allclose(got, _brute_force(g, h, a, b, v, tau), rtol=1e-10)
+    other = rng.uniform(0.1, 1.0, size=(m, q))  # e.g. an intercept's and covariates' variance
+    got = _extra_variance(*_sums(*t, torch.as_tensor(other)), torch.as_tensor(tau)).numpy()
+    np.testing.assert_allclose(got, _brute_force(g, h, a, b, v, tau, other), rtol=1e-10)
 
 
 def test_the_response_is_how_the_best_loading_moves_with_the_factors():
-    """Oracle: the row's MAP loadings given F, solved by scipy and differentiated in F by
-    central differences; their variance under Var(F) is what the module adds."""
+    """Oracle: the row's MAP loadings given F and the intercept b, solved by scipy and
+    differentiated in F and b by central differences; their variance under Var(F) and
+    Var(b) is what the module adds."""
     rng = np.random.default_rng(1)
     p, k = 40, 2
     f, b = rng.normal(0, 0.5, size=(p, k)), rng.normal(0.5, 0.3, size=p)
     v, tau = rng.uniform(0.01, 0.05, size=(p, k)), np.array([1.0, 4.0])
     x = rng.poisson(np.exp(f @ np.array([0.8, -0.5]) + b)).astype(float)
+    vb = rng.uniform(0.01, 0.05, size=p)
 
-    def best(f):
+    def best(f, b=b):
         def neg(z):
             eta = f @ z + b
             value = -(x @ eta - np.exp(eta).sum()) + 0.5 * tau @ z**2
@@ -60,7 +69,10 @@ def test_the_response_is_how_the_best_loading_moves_with_the_factors():
         res = optimize.minimize(
             neg, np.zeros(k), jac=True, hess=hess, method="trust-exact", options={"gtol": 1e-13}
         )
-        return res.x
+        z = res.x
+        for _ in range(3):  # trust-exact can stop near 1e-7: polish by Newton's steps
+            z = z - np.linalg.solve(hess(z), neg(z)[1])
+        return z
 
     l_star, step = best(f), 1e-5
     jac = np.zeros((k, p, k))  # d l* / d f_ja
@@ -71,6 +83,13 @@ def test_the_response_is_how_the_best_loading_moves_with_the_factors():
             down[j, a] -= step
             jac[:, j, a] = (best(up) - best(down)) / (2 * step)
     oracle = np.einsum("cja,ja,dja->cd", jac, v, jac).diagonal()
+    jac_b = np.zeros((k, p))  # d l* / d b_j
+    for j in range(p):
+        up, down = b.copy(), b.copy()
+        up[j] += step
+        down[j] -= step
+        jac_b[:, j] = (best(f, up) - best(f, down)) / (2 * step)
+    oracle_b = oracle + (jac_b**2) @ vb
 
     lik = get_likelihood("poisson", link="exp")
     eta = torch.as_tensor(f @ l_star + b)[None]
@@ -78,6 +97,9 @@ def test_the_response_is_how_the_best_loading_moves_with_the_factors():
     t = [torch.as_tensor(z) for z in (l_star[None], f, v)]
     got = _extra_variance(*_sums(g, h, *t), torch.as_tensor(tau)).numpy()[0]
     np.testing.assert_allclose(got, oracle, rtol=1e-4)
+    got = _extra_variance(*_sums(g, h, *t, torch.as_tensor(vb)), torch.as_tensor(tau)).numpy()[0]
+    np.testing.assert_allclose(got, oracle_b, rtol=1e-4)
+    assert (oracle_b > oracle * 1.01).all()  # the intercept's share is not negligible here
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +206,27 @@ def test_row_chunks_and_feature_blocks_do_not_change_the_result(fitted, monkeypa
     for side in ("loadings", "factors"):
         np.testing.assert_allclose(parts[side], whole[side], rtol=1e-5, atol=1e-12)
         np.testing.assert_allclose(whole[side], getattr(est, f"{side}_propagated_var_"))
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_the_intercept_and_covariate_effects_widen_the_loadings_only(monkeypatch):
+    """Their means enter eta, so their variance moves the best loadings too (the oracle
+    test checks the intercept's share); the factors' widening does not count them."""
+    sim = simulate(seed=3, likelihood="poisson")
+    C = np.random.default_rng(0).normal(size=(sim.x.shape[0], 2))
+    est = SparseFactorAnalysis(2, random_state=0, max_iter=150, **MATCHED_FIT)
+    est.fit(sim.x, covariates=C)
+    model = est.get_model()
+    data = RowBatches(sim.x, None, None, entries=False, device="cpu", seed=0, covariates=C)
+    full = propagated_variances(model, data)
+    np.testing.assert_allclose(full["loadings"], est.loadings_propagated_var_)
+    sums = linear_response._sums
+    monkeypatch.setattr(linear_response, "_sums", lambda *args: sums(*args[:5]))
+    without = propagated_variances(model, data)
+    kept = est.active_components_
+    assert (full["loadings"] >= without["loadings"]).all()
+    assert (full["loadings"][:, kept] > without["loadings"][:, kept]).all()
+    np.testing.assert_array_equal(full["factors"], without["factors"])
 
 
 def test_a_family_whose_mean_moves_with_its_scale_is_not_widened():
