@@ -31,11 +31,12 @@ widen little (see the README).
 
 Only families whose components are normals (``PriorFamily.widens``: point-normal,
 normal mixture) are widened, so that the posterior means stay as fitted; a
-truncated normal's mean would move with its scale. Not covered either:
-multi-view fits and zero-truncated likelihoods, whose posteriors stay
-mean-field; and, in the factors' widening, the intercept's uncertainty, which
-couples with ``f_j`` inside the same feature's block (one block at a time
-leaves that out).
+truncated normal's mean would move with its scale. In a multi-view fit each
+feature responds through its view's likelihood and its view's prior precision.
+Not covered: zero-truncated likelihoods (they fit a list of entries, not the
+grid), whose posteriors stay mean-field; and, in the factors' widening, the
+intercept's uncertainty, which couples with ``f_j`` inside the same feature's
+block (one block at a time leaves that out).
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ def _sums(g, h, a_mean, b_mean, b_var, other_var=None) -> tuple[torch.Tensor, to
 
 def _extra_variance(curvature, M, tau) -> torch.Tensor:
     """``diag(A^{-1} M A^{-1})`` with ``A = diag(tau) + curvature``, float64, ``[m, k]``
-    (``tau > 0``); NaN in the rows where ``A`` is not numerically positive definite."""
-    A = curvature.double() + torch.diag(tau.double())
+    (``tau > 0``, ``[k]`` or one row per row of ``A``, ``[m, k]``); NaN in the rows where
+    ``A`` is not numerically positive definite."""
+    A = curvature.double() + torch.diag_embed(tau.double().expand(curvature.shape[:2]))
     chol, info = torch.linalg.cholesky_ex(A)
     left = torch.cholesky_solve(M.double(), chol)  # A^{-1} M
     both = torch.cholesky_solve(left.transpose(1, 2), chol)  # A^{-1} M A^{-1} (M symmetric)
@@ -122,14 +124,10 @@ def _derivatives(likelihood, x, mask, eta, log_s, rows) -> tuple[torch.Tensor, t
 
 
 def _covered(model, side: str) -> bool:
-    """Whether a side's posterior is widened: a likelihood over a grid of one view, and a
-    prior family whose components are normals (``PriorFamily.widens``)."""
-    likelihood = model.likelihood
-    return (
-        likelihood.views is None
-        and likelihood.observes_zeros
-        and getattr(getattr(model, side), "widens", False)
-    )
+    """Whether a side's posterior is widened: a likelihood over the whole grid (not only
+    the non-zero entries), and a prior family whose components are normals
+    (``PriorFamily.widens``)."""
+    return model.likelihood.observes_zeros and getattr(model, side).widens
 
 
 def _chunks(data, k: int):
@@ -218,7 +216,8 @@ def propagated_variances(model, data, group: Group = SINGLE, factors: bool = Tru
         if factors:
             group.sum_(curv_f)
             group.sum_(M_f)
-            extra_f[a:e] = _extra_variance(curv_f, M_f, tau_f)
+            tau = tau_f if tau_f.ndim == 1 else tau_f[a:e]  # a view family's is per feature
+            extra_f[a:e] = _extra_variance(curv_f, M_f, tau)
     for side, extra, on in (("loadings", extra_l, loadings), ("factors", extra_f, factors)):
         if not on:
             continue

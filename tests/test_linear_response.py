@@ -10,7 +10,7 @@ from spfa import SparseFactorAnalysis, linear_response
 from spfa.data import RowBatches
 from spfa.likelihoods import get_likelihood
 from spfa.linear_response import _derivatives, _extra_variance, _sums, propagated_variances
-from spfa.simulate import MATCHED_FIT, simulate
+from spfa.simulate import MATCHED_FIT, simulate, simulate_views
 
 
 def _brute_force(g, h, a, b, v, tau, other=None):
@@ -227,6 +227,59 @@ def test_the_intercept_and_covariate_effects_widen_the_loadings_only(monkeypatch
     assert (full["loadings"] >= without["loadings"]).all()
     assert (full["loadings"][:, kept] > without["loadings"][:, kept]).all()
     np.testing.assert_array_equal(full["factors"], without["factors"])
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_a_multi_view_fit_is_widened_with_each_views_likelihood_and_prior():
+    """Each view's features respond through their own likelihood and their view's prior
+    precision; the loadings sum the views' terms."""
+    sim = simulate_views(
+        n=80, views=(("rna", "poisson", 30), ("adt", "gaussian", 10)), activity=((1, 1), (1, 0))
+    )
+    est = SparseFactorAnalysis(
+        2,
+        likelihood={"rna": "poisson", "adt": "gaussian"},
+        library_size=False,
+        max_iter=150,
+        random_state=0,
+    )
+    est.fit(sim.x, feature_groups=sim.feature_groups)
+    model = est.get_model()
+    views, parts = model.likelihood.views, model.likelihood.parts
+    with torch.no_grad():
+        eta = model.linear_predictor().mean()
+        ml, vl = model.loadings.moments()
+        mf, vf = model.factors.moments()
+        x = torch.as_tensor(sim.x, dtype=eta.dtype)
+        # the intercept's variance moves the loadings too
+        vb = model.intercept.moments()[1]
+    curv_l, M_l, extra_f = 0, 0, []
+    for lik, family, xv, ev, mv, vv, bv in zip(
+        parts,
+        model.factors.parts,
+        *(views.split(t, -1) for t in (x, eta)),
+        *(views.split(t, 0) for t in (mf, vf, vb)),
+        strict=True,
+    ):
+        g, h = _derivatives(lik, xv, None, ev, None, None)
+        c, M = _sums(g, h, ml, mv, vv, bv)
+        curv_l, M_l = curv_l + c, M_l + M
+        c, M = _sums(g.T, h.T, mv, ml, vl)
+        extra_f.append(_extra_variance(c, M, family.prior_precision().detach()))
+    tau_l = model.loadings.prior_precision().detach()
+    np.testing.assert_allclose(
+        est.loadings_propagated_var_, _extra_variance(curv_l, M_l, tau_l).numpy(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        est.factors_propagated_var_, views.join([e.numpy() for e in extra_f], 0), rtol=1e-5
+    )
+    kept = est.active_components_
+    assert (est.factors_propagated_var_[:, kept] > 0).any(axis=0).all()
+    post = est.factors_posterior()
+    assert (post.sd >= model.factors.posterior().sd).all()
+    np.testing.assert_array_equal(post.mean, model.factors.posterior().mean)
+    with pytest.raises(ValueError, match="shape"):
+        model.factors.posterior(np.zeros((3, 2)))
 
 
 def test_a_family_whose_mean_moves_with_its_scale_is_not_widened():

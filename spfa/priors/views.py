@@ -10,6 +10,7 @@ A factor is switched off in every view at once (``active`` is shared).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..views import FeatureViews
@@ -41,6 +42,7 @@ class ViewFamily(PriorFamily):
         self.name = family.name
         self.support = family.support
         self.sign_symmetric = family.sign_symmetric
+        self.widens = family.widens
         self._share_active()
 
     def _share_active(self) -> None:
@@ -148,16 +150,23 @@ class ViewFamily(PriorFamily):
             part.update_prior_()
 
     def prior_precision(self):
-        raise NotImplementedError("a view family is on the features; new rows are loadings")
+        """Each feature's prior precision per factor, its view's, ``[m, k]`` (the families'
+        own is ``[k]``: a view family's differs between views)."""
+        return self.views.join(
+            [part.prior_precision().expand(part.m, self.k) for part in self.parts], 0
+        )
 
     def prior_summary(self):
         parts = [part.prior_summary() for part in self.parts]
         return {key: torch.stack([s[key] for s in parts], 1) for key in parts[0]}
 
     def posterior(self, extra_var=None):
+        extra = [None] * len(self.parts)
         if extra_var is not None:
-            raise ValueError("a multi-view fit's factors are not widened (spfa.linear_response)")
-        posts = [part.posterior() for part in self.parts]
+            if np.shape(extra_var) != (self.m, self.k):
+                raise ValueError(f"extra_var must be of shape {(self.m, self.k)}")
+            extra = self.views.split(np.asarray(extra_var), 0)
+        posts = [part.posterior(e) for part, e in zip(self.parts, extra, strict=True)]
         cls = type(posts[0])
         return cls(*(self.views.join([getattr(p, f) for p in posts], 0) for f in cls.fields))
 
