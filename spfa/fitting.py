@@ -575,7 +575,14 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None, covaria
     if likelihood.views is not None:
         fit.view_contribution = view_contribution(model, paired_elbo(data, model, settings))
     if not fit.result.interrupted:  # an interrupted fit returns at once
-        fit.propagated = propagated_variances(model, data, group)
+        try:
+            fit.propagated = propagated_variances(model, data, group)
+        except KeyboardInterrupt:  # the pass changes nothing: the fit is kept, mean-field
+            fit.result.interrupted = True
+            fit.result.message = (
+                "interrupted while widening the posteriors (spfa.linear_response), which "
+                "stay mean-field"
+            )
     # per-window priors were recorded in the order of their phase; report them in the final one
     for key, windows in monitor.prior_history.items():
         if key != "step":

@@ -282,6 +282,26 @@ def test_a_multi_view_fit_is_widened_with_each_views_likelihood_and_prior():
         model.factors.posterior(np.zeros((3, 2)))
 
 
+def test_an_interrupt_while_widening_keeps_the_fit(monkeypatch):
+    """Ctrl-C in the pass after training loses nothing: the estimator holds the fit, with
+    mean-field posteriors, and the interrupt goes on to the caller."""
+    from spfa import fitting
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fitting, "propagated_variances", interrupted)
+    sim = simulate(seed=1, likelihood="poisson")
+    est = SparseFactorAnalysis(2, random_state=0, max_iter=100)
+    with pytest.raises(KeyboardInterrupt, match="widening.*holds that fit"):
+        est.fit(sim.x)
+    assert est.loadings_propagated_var_ is None and est.factors_propagated_var_ is None
+    model = est.get_model()
+    np.testing.assert_array_equal(est.loadings_sd_, model.loadings.posterior().sd)
+    np.testing.assert_array_equal(est.factors_posterior().sd, model.factors.posterior().sd)
+    assert np.isfinite(est.elbo_) and est.components_.shape == (2, sim.x.shape[1])
+
+
 def test_a_family_whose_mean_moves_with_its_scale_is_not_widened():
     sim = simulate(seed=1, likelihood="poisson")
     est = SparseFactorAnalysis(2, prior="point_exponential", random_state=0, max_iter=100)
