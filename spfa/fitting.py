@@ -578,10 +578,13 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None, covaria
         try:
             fit.propagated = propagated_variances(model, data, group)
         except KeyboardInterrupt:  # the pass changes nothing: the fit is kept, mean-field
+            # (in a data-parallel fit the other ranks may then wait in its sums, as in
+            # training: an interrupt is meant for every rank)
             fit.result.interrupted = True
+            earlier = f"{fit.result.message}; " if fit.result.message else ""
             fit.result.message = (
-                "interrupted while widening the posteriors (spfa.linear_response), which "
-                "stay mean-field"
+                f"{earlier}interrupted while widening the posteriors (spfa.linear_response), "
+                "which stay mean-field"
             )
     # per-window priors were recorded in the order of their phase; report them in the final one
     for key, windows in monitor.prior_history.items():

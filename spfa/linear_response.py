@@ -35,8 +35,8 @@ truncated normal's mean would move with its scale. In a multi-view fit each
 feature responds through its view's likelihood and its view's prior precision.
 Not covered: zero-truncated likelihoods (they fit a list of entries, not the
 grid), whose posteriors stay mean-field; and, in the factors' widening, the
-intercept's uncertainty, which couples with ``f_j`` inside the same feature's
-block (one block at a time leaves that out).
+intercept's and covariate effects' uncertainty, which couple with ``f_j`` inside
+the same feature's block (one block at a time leaves that out).
 """
 
 from __future__ import annotations
@@ -146,20 +146,21 @@ def _chunks(data, k: int):
 
 
 @torch.no_grad()
-def _block(model, data, x, mask, rows):
-    """The derivatives and moments of one block of rows: ``g, h, E[L], V[L]`` and the
-    variance of ``eta`` from the intercept and covariate effects (None without them)."""
+def _block(model, data, x, mask, rows, other: bool):
+    """The derivatives and moments of one block of rows: ``g, h, E[L], V[L]`` and, if
+    ``other``, the variance of ``eta`` from the intercept and covariate effects (None
+    without them; only the loadings' response needs it)."""
     log_s = None if data.log_s is None else data.log_s[rows]
     covariates = None if data.covariates is None else data.covariates[rows]
     eta = model.linear_predictor(rows, covariates)
     g, h = _derivatives(model.likelihood, x, mask, eta.mean(), log_s, rows)
     k = model.loadings.active.shape[0]
-    other = None
-    if eta.ml.shape[1] > k:  # covariates: known loadings, their effects' variance
-        other = eta.ml[:, k:] ** 2 @ eta.vf[:, k:].T
-    if eta.vb is not None:
-        other = eta.vb if other is None else other + eta.vb
-    return g, h, eta.ml[:, :k], eta.vl[:, :k], other
+    var = None
+    if other and eta.ml.shape[1] > k:  # covariates: known loadings, their effects' variance
+        var = eta.ml[:, k:] ** 2 @ eta.vf[:, k:].T
+    if other and eta.vb is not None:
+        var = eta.vb if var is None else var + eta.vb
+    return g, h, eta.ml[:, :k], eta.vl[:, :k], var
 
 
 def propagated_variances(model, data, group: Group = SINGLE, factors: bool = True) -> dict:
@@ -206,8 +207,9 @@ def propagated_variances(model, data, group: Group = SINGLE, factors: bool = Tru
         curv_f = torch.zeros((e - a, k, k), dtype=torch.float64, device=mf.device)
         M_f = torch.zeros_like(curv_f)
         for x, mask, rows in _chunks(data, k):
-            g, h, ml, vl, other = _block(model, data, x, mask, rows)
-            if loadings and block == 0:  # the loadings, in the first pass
+            first = loadings and block == 0
+            g, h, ml, vl, other = _block(model, data, x, mask, rows, other=first)
+            if first:  # the loadings, in the first pass
                 extra_l[rows] = _extra_variance(*_sums(g, h, ml, mf, vf, other), tau_l)
             if factors:
                 c, M = _sums(g[:, a:e].T, h[:, a:e].T, mf[a:e], ml, vl)
@@ -232,7 +234,8 @@ def propagated_variances(model, data, group: Group = SINGLE, factors: bool = Tru
 
 
 def _precision(family, active) -> torch.Tensor:
-    """The prior's precision per factor, ``[k]``; 1 for a switched-off factor, whose
-    means and variances are 0, so that it gains nothing whatever its prior."""
+    """The prior's precision per factor, ``[k]`` (``[m, k]`` for a view family: its
+    view's per feature); 1 for a switched-off factor, whose means and variances are 0,
+    so that it gains nothing whatever its prior."""
     tau = family.prior_precision()
     return torch.where(active > 0, tau, torch.ones_like(tau))

@@ -227,6 +227,18 @@ def test_the_intercept_and_covariate_effects_widen_the_loadings_only(monkeypatch
     assert (full["loadings"] >= without["loadings"]).all()
     assert (full["loadings"][:, kept] > without["loadings"][:, kept]).all()
     np.testing.assert_array_equal(full["factors"], without["factors"])
+    # the other effects' variance built by hand: V[b_j] + sum_c z_ic^2 V[B_jc]
+    with torch.no_grad():
+        z = torch.as_tensor(C, dtype=torch.float32)
+        eta = model.linear_predictor(None, z).mean()
+        ml, (mf, vf) = model.loadings.moments()[0], model.factors.moments()
+        other = model.intercept.moments()[1] + z**2 @ model.covariate_effects.moments()[1].T
+        tau = model.loadings.prior_precision()
+        tau = torch.where(model.factors.active > 0, tau, torch.ones_like(tau))
+    x = torch.as_tensor(sim.x, dtype=eta.dtype)
+    g, h = _derivatives(model.likelihood, x, None, eta, None, None)
+    by_hand = _extra_variance(*_sums(g, h, ml, mf, vf, other), tau).numpy()
+    np.testing.assert_allclose(full["loadings"], by_hand, rtol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -236,6 +248,9 @@ def test_a_multi_view_fit_is_widened_with_each_views_likelihood_and_prior():
     sim = simulate_views(
         n=80, views=(("rna", "poisson", 30), ("adt", "gaussian", 10)), activity=((1, 1), (1, 0))
     )
+    # the views' features interleaved, as a user's matrix may have them
+    order = np.random.default_rng(0).permutation(sim.x.shape[1])
+    x_all, groups = sim.x[:, order], sim.feature_groups[order]
     est = SparseFactorAnalysis(
         2,
         likelihood={"rna": "poisson", "adt": "gaussian"},
@@ -243,14 +258,20 @@ def test_a_multi_view_fit_is_widened_with_each_views_likelihood_and_prior():
         max_iter=150,
         random_state=0,
     )
-    est.fit(sim.x, feature_groups=sim.feature_groups)
+    est.fit(x_all, feature_groups=groups)
     model = est.get_model()
     views, parts = model.likelihood.views, model.likelihood.parts
+    assert not views.contiguous
+
+    def tau(family):  # the module's: 1 for a switched-off factor
+        t = family.prior_precision().detach()
+        return torch.where(model.factors.active > 0, t, torch.ones_like(t))
+
     with torch.no_grad():
         eta = model.linear_predictor().mean()
         ml, vl = model.loadings.moments()
         mf, vf = model.factors.moments()
-        x = torch.as_tensor(sim.x, dtype=eta.dtype)
+        x = torch.as_tensor(x_all, dtype=eta.dtype)
         # the intercept's variance moves the loadings too
         vb = model.intercept.moments()[1]
     curv_l, M_l, extra_f = 0, 0, []
@@ -265,10 +286,11 @@ def test_a_multi_view_fit_is_widened_with_each_views_likelihood_and_prior():
         c, M = _sums(g, h, ml, mv, vv, bv)
         curv_l, M_l = curv_l + c, M_l + M
         c, M = _sums(g.T, h.T, mv, ml, vl)
-        extra_f.append(_extra_variance(c, M, family.prior_precision().detach()))
-    tau_l = model.loadings.prior_precision().detach()
+        extra_f.append(_extra_variance(c, M, tau(family)))
     np.testing.assert_allclose(
-        est.loadings_propagated_var_, _extra_variance(curv_l, M_l, tau_l).numpy(), rtol=1e-5
+        est.loadings_propagated_var_,
+        _extra_variance(curv_l, M_l, tau(model.loadings)).numpy(),
+        rtol=1e-5,
     )
     np.testing.assert_allclose(
         est.factors_propagated_var_, views.join([e.numpy() for e in extra_f], 0), rtol=1e-5

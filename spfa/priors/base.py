@@ -236,8 +236,10 @@ class PriorFamily(torch.nn.Module):
         raise NotImplementedError
 
     def prior_precision(self) -> torch.Tensor:
-        """Precision of a normal with the slab's second moment, ``[k]``: the ridge
-        penalty of the projections that start new rows."""
+        """Precision of a normal with the slab's second moment, ``[k]`` (``[m, k]`` for a
+        :class:`~spfa.priors.ViewFamily`, whose prior differs between views): the ridge
+        penalty of the projections that start new rows, and the prior's curvature in
+        :mod:`spfa.linear_response`."""
         raise NotImplementedError
 
     def prior_summary(self) -> dict[str, torch.Tensor]:
