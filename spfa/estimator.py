@@ -154,8 +154,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         Of shape (n_samples | n_features, n_components).
         The variance each normal component of ``q(L)`` (``q(F)``) gains from the
         uncertainty of ``F`` (``L``): :mod:`spfa.linear_response`. None where it is not
-        widened: a point-exponential prior, a zero-truncated fit, or a widening that was
-        not finite or was interrupted (the posteriors then stay mean-field).
+        widened: a point-exponential prior, or a widening that was not finite or was
+        interrupted (the posteriors then stay mean-field).
     loadings_prior_<key>_, factors_prior_<key>_ : ndarray of shape (n_components, ...)
         The learned prior per factor: ``pi`` and ``scale`` for the point
         families, ``scale`` and ``weights`` for the normal mixture.

@@ -33,10 +33,10 @@ Only families whose components are normals (``PriorFamily.widens``: point-normal
 normal mixture) are widened, so that the posterior means stay as fitted; a
 truncated normal's mean would move with its scale. In a multi-view fit each
 feature responds through its view's likelihood and its view's prior precision.
-Not covered: zero-truncated likelihoods (they fit a list of entries, not the
-grid), whose posteriors stay mean-field; and, in the factors' widening, the
-intercept's and covariate effects' uncertainty, which couple with ``f_j`` inside
-the same feature's block (one block at a time leaves that out).
+A zero-truncated fit's list of non-zero entries is laid out on the grid with a
+mask, so that only those entries count. Not covered: in the factors' widening,
+the intercept's and covariate effects' uncertainty, which couple with ``f_j``
+inside the same feature's block (one block at a time leaves that out).
 """
 
 from __future__ import annotations
@@ -124,25 +124,52 @@ def _derivatives(likelihood, x, mask, eta, log_s, rows) -> tuple[torch.Tensor, t
 
 
 def _covered(model, side: str) -> bool:
-    """Whether a side's posterior is widened: a likelihood over the whole grid (not only
-    the non-zero entries), and a prior family whose components are normals
-    (``PriorFamily.widens``)."""
-    return model.likelihood.observes_zeros and getattr(model, side).widens
+    """Whether a side's posterior is widened: a prior family whose components are
+    normals (``PriorFamily.widens``)."""
+    return getattr(model, side).widens
 
 
 def _chunks(data, k: int):
     """``(x, mask, rows)`` blocks over every batch, each with at most ``CHUNK_ENTRIES``
     entries in its grid and in its ``[rows, k, k]`` sums, with ``rows`` always a tensor
-    of sample ids."""
+    of sample ids. The batches of a list of entries (a zero-truncated fit's non-zeros)
+    are laid out on the grid, the mask marking the entries."""
     step = max(1, CHUNK_ENTRIES // max(data.shape[1], k * k))
     for i in range(data.n_batches):
         batch = data.batch(i)
+        if data.entries:
+            yield from _entry_chunks(batch, data.shape, step)
+            continue
         rows = batch.rows
         if rows is None:
             rows = torch.arange(batch.x.shape[0], device=batch.x.device)
         for a in range(0, batch.x.shape[0], step):
             mask = None if batch.mask is None else batch.mask[a : a + step]
             yield batch.x[a : a + step], mask, rows[a : a + step]
+
+
+def _entry_chunks(batch, shape, step: int):
+    """:func:`_chunks` of one batch of entries: grids of ``step`` rows, the entries'
+    values in place and 1 in the mask, 0 elsewhere."""
+    n, p = shape
+    values, device = batch.x, batch.x.device
+    rows = batch.rows if batch.rows is not None else torch.arange(n, device=device)
+    position = torch.full((n,), -1, dtype=torch.long, device=device)
+    position[rows] = torch.arange(rows.shape[0], device=device)
+    local = position[batch.entry_rows]  # each entry's row within the batch
+    local, order = torch.sort(local)
+    cols, values = batch.cols[order], values[order]
+    starts = torch.arange(0, rows.shape[0], step, device=device)
+    bounds = torch.searchsorted(local, torch.cat([starts, starts.new_tensor([rows.shape[0]])]))
+    bounds = bounds.tolist()
+    for c, a in enumerate(starts.tolist()):
+        e0, e1 = bounds[c], bounds[c + 1]
+        m = min(step, rows.shape[0] - a)
+        x = torch.zeros((m, p), dtype=values.dtype, device=device)
+        mask = torch.zeros_like(x)
+        at = (local[e0:e1] - a, cols[e0:e1])
+        x[at], mask[at] = values[e0:e1], 1.0
+        yield x, mask, rows[a : a + m]
 
 
 @torch.no_grad()
@@ -190,7 +217,7 @@ def propagated_variances(model, data, group: Group = SINGLE, factors: bool = Tru
     out = {"loadings": None, "factors": None}
     loadings = _covered(model, "loadings")
     factors = factors and _covered(model, "factors")
-    if data.entries or not (loadings or factors):
+    if not (loadings or factors):
         return out
     n, p = data.shape
     with torch.no_grad():

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from scipy import optimize
 from sklearn.exceptions import ConvergenceWarning
@@ -302,6 +303,43 @@ def test_a_multi_view_fit_is_widened_with_each_views_likelihood_and_prior():
     np.testing.assert_array_equal(post.mean, model.factors.posterior().mean)
     with pytest.raises(ValueError, match="shape"):
         model.factors.posterior(np.zeros((3, 2)))
+
+
+def test_a_zero_truncated_fit_is_widened_over_its_entries():
+    """Its data are a list of the non-zero entries: laid out on the grid with a mask,
+    in any batching, they give the sums of the masked grid."""
+    sim = simulate(seed=3, likelihood="poisson", n=300, intercept=np.full(500, 1.0))
+    X = sp.csr_matrix(sim.x)
+    est = SparseFactorAnalysis(2, likelihood="zt_poisson", random_state=0, library_size=False)
+    est.fit(X)
+    kept = est.active_components_
+    assert kept.any()
+    model = est.get_model()
+    whole = propagated_variances(
+        model, RowBatches(X, None, None, entries=True, device="cpu", seed=0)
+    )
+    batches = propagated_variances(
+        model, RowBatches(X, None, 17, entries=True, device="cpu", seed=0)
+    )
+    with torch.no_grad():
+        eta = model.linear_predictor().mean()
+        (ml, vl), (mf, vf) = model.loadings.moments(), model.factors.moments()
+        vb = model.intercept.moments()[1]
+        tau = {}
+        for side in ("loadings", "factors"):
+            t = getattr(model, side).prior_precision()
+            tau[side] = torch.where(model.factors.active > 0, t, torch.ones_like(t))
+    x = torch.as_tensor(sim.x, dtype=eta.dtype)
+    g, h = _derivatives(model.likelihood, x, (x > 0).to(x.dtype), eta, None, None)
+    grid = {
+        "loadings": _extra_variance(*_sums(g, h, ml, mf, vf, vb), tau["loadings"]),
+        "factors": _extra_variance(*_sums(g.T, h.T, mf, ml, vl), tau["factors"]),
+    }
+    for side in ("loadings", "factors"):
+        np.testing.assert_allclose(whole[side], getattr(est, f"{side}_propagated_var_"))
+        np.testing.assert_allclose(batches[side], whole[side], rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(whole[side], grid[side].numpy(), rtol=1e-5, atol=1e-12)
+        assert (whole[side][:, kept] > 0).all()
 
 
 def test_an_interrupt_while_widening_keeps_the_fit(monkeypatch):
