@@ -153,10 +153,12 @@ def _entry_chunks(batch, shape, step: int):
     values in place and 1 in the mask, 0 elsewhere."""
     n, p = shape
     values, device = batch.x, batch.x.device
-    rows = batch.rows if batch.rows is not None else torch.arange(n, device=device)
-    position = torch.full((n,), -1, dtype=torch.long, device=device)
-    position[rows] = torch.arange(rows.shape[0], device=device)
-    local = position[batch.entry_rows]  # each entry's row within the batch
+    if batch.rows is None:  # every sample, in order
+        rows, local = torch.arange(n, device=device), batch.entry_rows
+    else:  # each entry's row within the batch, at a cost of the batch's size
+        rows = batch.rows
+        ordered, where = torch.sort(rows)
+        local = where[torch.searchsorted(ordered, batch.entry_rows)]
     local, order = torch.sort(local)
     cols, values = batch.cols[order], values[order]
     starts = torch.arange(0, rows.shape[0], step, device=device)
