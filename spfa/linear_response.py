@@ -33,10 +33,11 @@ Only families whose components are normals (``PriorFamily.widens``: point-normal
 normal mixture) are widened, so that the posterior means stay as fitted; a
 truncated normal's mean would move with its scale. In a multi-view fit each
 feature responds through its view's likelihood and its view's prior precision.
-A zero-truncated fit's list of non-zero entries is laid out on the grid with a
-mask, so that only those entries count. Not covered: in the factors' widening,
-the intercept's and covariate effects' uncertainty, which couple with ``f_j``
-inside the same feature's block (one block at a time leaves that out).
+In a zero-truncated fit the derivatives are taken at its listed non-zero entries
+only (the likelihood never sees a zero) and are 0 elsewhere on the grid. Not
+covered: in the factors' widening, the intercept's and covariate effects'
+uncertainty, which couple with ``f_j`` inside the same feature's block (one
+block at a time leaves that out).
 """
 
 from __future__ import annotations
@@ -107,12 +108,15 @@ def _extra_variance(curvature, M, tau) -> torch.Tensor:
     return torch.where((info == 0)[:, None], extra, torch.full_like(extra, float("nan")))
 
 
-def _derivatives(likelihood, x, mask, eta, log_s, rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and second derivatives of ``log p(x | eta)`` in each ``eta_ij``, 0 where
-    the entry is unobserved or a derivative is not finite."""
+def _derivatives(
+    likelihood, x, mask, eta, log_s, rows, cols=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and second derivatives of ``log p(x | eta)`` in each ``eta_ij`` (of a grid,
+    or of the entries ``(rows[e], cols[e])``), 0 where the entry is unobserved or a
+    derivative is not finite."""
     eta = eta.detach().requires_grad_(True)
     with torch.enable_grad():
-        lp = likelihood.log_prob(x, eta, log_s, rows)
+        lp = likelihood.log_prob(x, eta, log_s, rows, cols)
         (g,) = torch.autograd.grad(lp.sum(), eta, create_graph=True)
         (h,) = torch.autograd.grad(g.sum(), eta)
     g, h = g.detach(), h.detach()
@@ -130,10 +134,11 @@ def _covered(model, side: str) -> bool:
 
 
 def _chunks(data, k: int):
-    """``(x, mask, rows)`` blocks over every batch, each with at most ``CHUNK_ENTRIES``
-    entries in its grid and in its ``[rows, k, k]`` sums, with ``rows`` always a tensor
-    of sample ids. The batches of a list of entries (a zero-truncated fit's non-zeros)
-    are laid out on the grid, the mask marking the entries."""
+    """``(x, mask, rows, entries)`` blocks over every batch, each with at most
+    ``CHUNK_ENTRIES`` entries in its grid and in its ``[rows, k, k]`` sums, with ``rows``
+    always a tensor of sample ids; ``entries`` None. A batch of a list of entries (a
+    zero-truncated fit's non-zeros) gives ``x`` None and ``entries = (local, cols,
+    values)``: each entry's row within ``rows``, its feature and its value."""
     step = max(1, CHUNK_ENTRIES // max(data.shape[1], k * k))
     for i in range(data.n_batches):
         batch = data.batch(i)
@@ -145,12 +150,11 @@ def _chunks(data, k: int):
             rows = torch.arange(batch.x.shape[0], device=batch.x.device)
         for a in range(0, batch.x.shape[0], step):
             mask = None if batch.mask is None else batch.mask[a : a + step]
-            yield batch.x[a : a + step], mask, rows[a : a + step]
+            yield batch.x[a : a + step], mask, rows[a : a + step], None
 
 
 def _entry_chunks(batch, shape, step: int):
-    """:func:`_chunks` of one batch of entries: grids of ``step`` rows, the entries'
-    values in place and 1 in the mask, 0 elsewhere."""
+    """:func:`_chunks` of one batch of entries, in blocks of ``step`` rows."""
     n, p = shape
     values, device = batch.x, batch.x.device
     if batch.rows is None:  # every sample, in order
@@ -167,22 +171,29 @@ def _entry_chunks(batch, shape, step: int):
     for c, a in enumerate(starts.tolist()):
         e0, e1 = bounds[c], bounds[c + 1]
         m = min(step, rows.shape[0] - a)
-        x = torch.zeros((m, p), dtype=values.dtype, device=device)
-        mask = torch.zeros_like(x)
-        at = (local[e0:e1] - a, cols[e0:e1])
-        x[at], mask[at] = values[e0:e1], 1.0
-        yield x, mask, rows[a : a + m]
+        yield None, None, rows[a : a + m], (local[e0:e1] - a, cols[e0:e1], values[e0:e1])
 
 
 @torch.no_grad()
-def _block(model, data, x, mask, rows, other: bool):
-    """The derivatives and moments of one block of rows: ``g, h, E[L], V[L]`` and, if
+def _block(model, data, x, mask, rows, entries, other: bool):
+    """The derivatives and moments of one block of rows (see :func:`_chunks`):
+    ``g, h`` on its grid (0 off the entries of a list), ``E[L], V[L]`` and, if
     ``other``, the variance of ``eta`` from the intercept and covariate effects (None
     without them; only the loadings' response needs it)."""
     log_s = None if data.log_s is None else data.log_s[rows]
     covariates = None if data.covariates is None else data.covariates[rows]
     eta = model.linear_predictor(rows, covariates)
-    g, h = _derivatives(model.likelihood, x, mask, eta.mean(), log_s, rows)
+    if entries is None:
+        g, h = _derivatives(model.likelihood, x, mask, eta.mean(), log_s, rows)
+    else:  # the likelihood at the listed entries only, placed on the grid
+        local, cols, values = entries
+        at_log_s = None if log_s is None else log_s[local].squeeze(-1)
+        g_e, h_e = _derivatives(
+            model.likelihood, values, None, eta.mean()[local, cols], at_log_s, rows[local], cols
+        )
+        g = torch.zeros((rows.shape[0], data.shape[1]), dtype=g_e.dtype, device=g_e.device)
+        h = torch.zeros_like(g)
+        g[local, cols], h[local, cols] = g_e, h_e
     k = model.loadings.active.shape[0]
     var = None
     if other and eta.ml.shape[1] > k:  # covariates: known loadings, their effects' variance
@@ -235,9 +246,9 @@ def propagated_variances(model, data, group: Group = SINGLE, factors: bool = Tru
     for block, (a, e) in enumerate(blocks):
         curv_f = torch.zeros((e - a, k, k), dtype=torch.float64, device=mf.device)
         M_f = torch.zeros_like(curv_f)
-        for x, mask, rows in _chunks(data, k):
+        for x, mask, rows, entries in _chunks(data, k):
             first = loadings and block == 0
-            g, h, ml, vl, other = _block(model, data, x, mask, rows, other=first)
+            g, h, ml, vl, other = _block(model, data, x, mask, rows, entries, other=first)
             if first:  # the loadings, in the first pass
                 extra_l[rows] = _extra_variance(*_sums(g, h, ml, mf, vf, other), tau_l)
             if factors:
