@@ -185,12 +185,12 @@ def _block(model, data, x, mask, rows, entries, other: bool):
     eta = model.linear_predictor(rows, covariates)
     if entries is None:
         g, h = _derivatives(model.likelihood, x, mask, eta.mean(), log_s, rows)
-    else:  # the likelihood at the listed entries only, placed on the grid
+    else:  # the likelihood at the listed entries only (O(m k)), placed on the grid
         local, cols, values = entries
         at_log_s = None if log_s is None else log_s[local].squeeze(-1)
-        g_e, h_e = _derivatives(
-            model.likelihood, values, None, eta.mean()[local, cols], at_log_s, rows[local], cols
-        )
+        at_covariates = None if covariates is None else covariates[local]
+        at_eta, _ = model.eta_moments(rows[local], cols, at_covariates)
+        g_e, h_e = _derivatives(model.likelihood, values, None, at_eta, at_log_s, rows[local], cols)
         g = torch.zeros((rows.shape[0], data.shape[1]), dtype=g_e.dtype, device=g_e.device)
         h = torch.zeros_like(g)
         g[local, cols], h[local, cols] = g_e, h_e
