@@ -18,7 +18,8 @@ on all genes or those of ``mask_var``, and writes, with ``key_added="spfa"``:
                                                ``mask_var``, ``covariates`` (the design's
                                                column names); for a multi-view fit
                                                (``feature_groups=``) also ``views`` and
-                                               ``view_elbo_contribution``
+                                               ``view_elbo_contribution``; for a fit
+                                               stopped by Ctrl-C, ``interrupted`` (where)
 =================================  ==========  ==========================================
 
 Factors keep the estimator's order: by ELBO contribution, pruned ones last
@@ -45,7 +46,23 @@ from .backed import BackedRows, is_backed
 from .estimator import SparseFactorAnalysis
 from .io import read_rows
 
-__all__ = ["counts", "covariate_design", "fit", "layer_matrix", "transform"]
+__all__ = ["FitInterrupted", "counts", "covariate_design", "fit", "layer_matrix", "transform"]
+
+
+class FitInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`fit` once training had a state to keep: ``adata`` holds that
+    fit, as a finished one would (``uns[key_added]["interrupted"]`` says where it
+    stopped), and ``estimator`` is it.
+
+    Parameters
+    ----------
+    message : str
+    estimator : SparseFactorAnalysis
+    """
+
+    def __init__(self, message: str, estimator: SparseFactorAnalysis):
+        super().__init__(message)
+        self.estimator = estimator
 
 
 def layer_matrix(adata, layer=None):
@@ -243,6 +260,13 @@ def fit(
     -------
     SparseFactorAnalysis
         The fitted estimator; its ``feature_names_in_`` are the fitted genes' names.
+
+    Raises
+    ------
+    FitInterrupted
+        On Ctrl-C once training has a state to keep: ``adata`` then holds that fit, and
+        the exception's ``estimator`` is it (a KeyboardInterrupt, so it still stops the
+        caller). A Ctrl-C before that leaves ``adata`` unchanged.
     """
     X, mask = counts(adata, layer=layer, mask_var=mask_var)
     design, names = (None, []) if covariates is None else covariate_design(adata, covariates)
@@ -265,12 +289,18 @@ def fit(
         if isinstance(X, BackedRows):  # a multi-view fit holds its rows in memory
             X = X.read(0, X.shape[0])
     estimator = SparseFactorAnalysis(n_components=n_components, verbose=verbose, **params)
-    estimator.fit(
-        X,
-        size_factors=_size_factors(adata, size_factors),
-        covariates=design,
-        **({} if groups is None else {"feature_groups": groups}),
-    )
+    interrupted = None
+    try:
+        estimator.fit(
+            X,
+            size_factors=_size_factors(adata, size_factors),
+            covariates=design,
+            **({} if groups is None else {"feature_groups": groups}),
+        )
+    except KeyboardInterrupt as err:
+        if not hasattr(estimator, "n_features_in_"):  # stopped before any state was kept
+            raise
+        interrupted = str(err)  # the estimator holds the fit so far: written below
     estimator.feature_names_in_ = np.asarray(adata.var_names[mask], dtype=object)
     if design is not None:
         columns = [covariates] if isinstance(covariates, str) else list(covariates)
@@ -305,6 +335,9 @@ def fit(
         adata.uns[key_added]["view_elbo_contribution"] = np.asarray(
             estimator.view_elbo_contribution_, dtype=float
         )
+    if interrupted is not None:
+        adata.uns[key_added]["interrupted"] = interrupted
+        raise FitInterrupted(f"{interrupted}; adata holds that fit", estimator)
     return estimator
 
 

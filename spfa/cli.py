@@ -258,21 +258,28 @@ def _fit(args) -> None:
         _check_output(args.save_model, [""])
     adata = _open_output(args, out)
     mask = _gene_mask(adata, args)
-    estimator = spfa_anndata.fit(
-        adata,
-        args.n_components,
-        layer=args.layer,
-        mask_var=mask,
-        covariates=args.covariates,
-        feature_groups=args.feature_groups,
-        verbose=0 if args.quiet else 1,
-        log_dir=args.log_dir,
-        **_params(args),
-    )
+    interrupted = None
+    try:
+        estimator = spfa_anndata.fit(
+            adata,
+            args.n_components,
+            layer=args.layer,
+            mask_var=mask,
+            covariates=args.covariates,
+            feature_groups=args.feature_groups,
+            verbose=0 if args.quiet else 1,
+            log_dir=args.log_dir,
+            **_params(args),
+        )
+    except spfa_anndata.FitInterrupted as err:  # Ctrl-C: the fit so far is written, then stop
+        estimator, interrupted = err.estimator, err
     _save(adata, out)
     if args.save_model:
         estimator.save(args.save_model)
         logger.info("saved the model to %s", args.save_model)
+    if interrupted is not None:
+        saved = f" and {args.save_model}" if args.save_model else ""
+        raise KeyboardInterrupt(f"{interrupted.args[0]}; wrote it to {out}{saved}")
     logger.info(
         "%d of %d factors kept; ELBO %.6g after %d passes",
         estimator.n_effective_components_,
@@ -398,8 +405,9 @@ def main(argv=None) -> int:
             message = f"{err.filename}: no such file or directory"
         sys.stderr.write(f"spfa: error: {_one_line(message)}\n")
         return 1
-    except KeyboardInterrupt:
-        sys.stderr.write("spfa: error: interrupted\n")
+    except KeyboardInterrupt as err:
+        detail = f": {_one_line(err.args[0])}" if err.args else ""
+        sys.stderr.write(f"spfa: error: interrupted{detail}\n")
         return 130
     finally:
         root.removeHandler(handler)

@@ -165,7 +165,9 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     n_effective_components_ : int
     elbo_contribution_ : ndarray of shape (n_components,)
         ELBO lost (nats) without each factor; factors are ordered by it. A minibatch fit
-        of more than 2^23 entries estimates it from a random subset of its batches.
+        of more than 2^23 entries estimates it from a random subset of its batches. NaN
+        where a Ctrl-C stopped the fit while it pruned and ranked the factors: they are
+        then kept as trained, in training order.
     explained_variance_ratio_ : ndarray of shape (n_components,)
         Gaussian only.
     noise_variance_, dispersion_, inverse_dispersion_, zero_inflation_, ... :
@@ -181,10 +183,10 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     view_elbo_contribution_ : ndarray of shape (n_views, n_components)
         A multi-view fit's ELBO contribution of each factor in each view: what the view's
         expected log-likelihood, less its factors' KL, loses without the factor (0 for a
-        pruned factor). ``factors_prior_<key>_`` are then ``(n_components, n_views)``,
-        ``training_size_factors_`` ``(n_samples, n_views)`` (each count view's library
-        sizes; 1 for the others), and per-feature nuisance parameters are NaN on the
-        views without them.
+        pruned factor; NaN if a Ctrl-C stopped its measurement). ``factors_prior_<key>_``
+        are then ``(n_components, n_views)``, ``training_size_factors_``
+        ``(n_samples, n_views)`` (each count view's library sizes; 1 for the others), and
+        per-feature nuisance parameters are NaN on the views without them.
     training_covariates_ : ndarray of shape (n_samples, n_covariates) or None
     training_size_factors_ : ndarray of shape (n_samples,) or None
     library_size_mean_ : float or None
@@ -194,7 +196,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     elbo_, n_iter_ : float, int
         ELBO of the fitted model (pruned factors off) on the training data, with
         fixed-seed draws where it has no closed form (a minibatch fit of more than
-        2^23 entries estimates it from a random subset of its batches); passes.
+        2^23 entries estimates it from a random subset of its batches); passes. After a
+        Ctrl-C during pruning, the last ELBO training recorded (a Monte Carlo estimate).
     n_rollbacks_ : int
         Windows of training that went non-finite and were rolled back with a smaller
         step (logged at INFO with what went non-finite).

@@ -19,6 +19,7 @@ ranks, and every rank takes the same decisions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -566,25 +567,26 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None, covaria
         # the noise-aware rule even where the ELBO is exact: 25-step windows compared by
         # tol alone stopped earlier, and k = 30 then ended below k = 15 on the PBMCs
         result = _train(model, objective, data, settings, monitor)
-        contribution, order, elbo = prune_and_rank(model, paired_elbo(data, model, settings), group)
-        fit = Fit(model, result, contribution, order, {}, elbo)
+        fit = _pruned_and_ranked(model, result, paired_elbo(data, model, settings), group)
         n_first = len(monitor.prior_history["step"])
         again = _train_on_after_pruning(fit, objective, data, settings, monitor)
     finally:
         monitor.close()
     if likelihood.views is not None:
-        fit.view_contribution = view_contribution(model, paired_elbo(data, model, settings))
+        try:
+            fit.view_contribution = view_contribution(model, paired_elbo(data, model, settings))
+        except KeyboardInterrupt:  # the switches were put back: the fit stands
+            fit.view_contribution = np.full((len(likelihood.views.names), model.factors.k), np.nan)
+            _interrupted(fit.result, "measuring the views' contributions (NaN: not measured)")
     if not fit.result.interrupted:  # an interrupted fit returns at once
         try:
             fit.propagated = propagated_variances(model, data, group)
         except KeyboardInterrupt:  # the pass changes nothing: the fit is kept, mean-field
             # (in a data-parallel fit the other ranks may then wait in its sums, as in
             # training: an interrupt is meant for every rank)
-            fit.result.interrupted = True
-            earlier = f"{fit.result.message}; " if fit.result.message else ""
-            fit.result.message = (
-                f"{earlier}interrupted while widening the posteriors (spfa.linear_response), "
-                "which stay mean-field"
+            _interrupted(
+                fit.result,
+                "widening the posteriors (spfa.linear_response), which stay mean-field",
             )
     # per-window priors were recorded in the order of their phase; report them in the final one
     for key, windows in monitor.prior_history.items():
@@ -595,6 +597,30 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None, covaria
             ]
         fit.prior_history[key] = windows
     return fit
+
+
+def _interrupted(result: TrainResult, during: str) -> None:
+    """Mark ``result`` interrupted ``during`` a pass after training, keeping any earlier
+    message."""
+    result.interrupted = True
+    earlier = f"{result.message}; " if result.message else ""
+    result.message = f"{earlier}interrupted while {during}"
+
+
+def _pruned_and_ranked(model: SparseFactorModel, result: TrainResult, elbo, group: Group) -> Fit:
+    """The :class:`Fit` of a trained ``model``, pruned and ranked by
+    :func:`prune_and_rank`. A Ctrl-C during that pass keeps the model as trained: every
+    factor kept, in training order, their contributions NaN (not measured), and the ELBO
+    the last one training recorded (an estimate, with its Monte Carlo noise)."""
+    try:
+        contribution, order, value = prune_and_rank(model, elbo, group)
+    except KeyboardInterrupt:
+        if not result.history["elbo"]:  # nothing was checked: the estimator keeps its state
+            raise
+        _interrupted(result, "pruning and ranking the factors, which are kept as trained")
+        k = model.factors.k
+        return Fit(model, result, np.full(k, np.nan), np.arange(k), {}, result.history["elbo"][-1])
+    return Fit(model, result, contribution, order, {}, value)
 
 
 def _train_on_after_pruning(fit: Fit, objective, data, settings, monitor) -> np.ndarray:
@@ -615,9 +641,16 @@ def _train_on_after_pruning(fit: Fit, objective, data, settings, monitor) -> np.
     refit = _train(
         model, objective, data, within, monitor, 1, description="refit", window=WINDOW // 2
     )
-    contribution, again, elbo = prune_and_rank(
-        model, paired_elbo(data, model, settings), settings.group
-    )
+    try:
+        contribution, again, elbo = prune_and_rank(
+            model, paired_elbo(data, model, settings), settings.group
+        )
+    except KeyboardInterrupt:  # the pruned fit stands, as when training on ends lower
+        model.load_state_dict(pruned)
+        for windows in monitor.prior_history.values():
+            del windows[n_first:]
+        _interrupted(result, "pruning again after training on; the first pruned fit was kept")
+        return identity
     if elbo >= fit.elbo:
         fit.contribution, fit.elbo, fit.order = contribution, elbo, fit.order[again]
         fit.result = result.followed_by(refit)
@@ -741,6 +774,19 @@ def _switch(model: SparseFactorModel, k: int, on: bool) -> None:
         side.active[k] = 1.0 if on else 0.0
 
 
+@contextlib.contextmanager
+def _switches_restored_on_interrupt(model: SparseFactorModel):
+    """Factors switched off and on while the ELBO is compared: a Ctrl-C in between puts
+    every factor back as it was before, so that the model is still the trained one."""
+    saved = [side.active.clone() for side in (model.loadings, model.factors)]
+    try:
+        yield
+    except KeyboardInterrupt:
+        for side, active in zip((model.loadings, model.factors), saved, strict=True):
+            side.active.copy_(active)
+        raise
+
+
 def prune_and_rank(
     model: SparseFactorModel, elbo, group: Group = SINGLE
 ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -766,7 +812,8 @@ def prune_and_rank(
     contribution, pruned ones last); returns the contributions in the new
     order and the permutation (new factor ``i`` was factor ``order[i]`` in
     training). Across ranks, ``elbo`` and the loadings' norms are summed over the
-    ranks (``group``), so every rank decides alike.
+    ranks (``group``), so every rank decides alike. A ``KeyboardInterrupt`` while the
+    ELBO is compared puts every factor back on as trained before it propagates.
     """
     with torch.no_grad():
         l_norm = model.loadings.moments().mean.norm(dim=0)
@@ -774,30 +821,31 @@ def prune_and_rank(
             l_norm = torch.as_tensor(np.sqrt(group.sum(to_numpy(l_norm**2)))).to(l_norm)
         size = l_norm * model.factors.moments().mean.norm(dim=0)
     tried = torch.argsort(size).tolist()
-    best = elbo()
-    if not np.isfinite(best):
-        raise RuntimeError(_not_finite(model, "after training"))
-    without: dict[int, float] = {}
-    last_pruned = -1
-    for position, k in enumerate(tried):
-        _switch(model, k, False)
-        trial = elbo()
-        if np.isfinite(trial) and trial >= best:
-            best, last_pruned = trial, position
-            logger.info("pruned factor %d: the ELBO is no lower without it", k)
-        else:
-            _switch(model, k, True)
-            without[k] = trial
-    # `best` is the ELBO of the kept factors, with the same draws
-    contribution = np.zeros(len(tried))
-    for position, k in enumerate(tried):
-        if k not in without:
-            continue
-        if position < last_pruned:  # tried while a later-pruned factor was still on
+    with _switches_restored_on_interrupt(model):  # a Ctrl-C here leaves the model as trained
+        best = elbo()
+        if not np.isfinite(best):
+            raise RuntimeError(_not_finite(model, "after training"))
+        without: dict[int, float] = {}
+        last_pruned = -1
+        for position, k in enumerate(tried):
             _switch(model, k, False)
-            without[k] = elbo()
-            _switch(model, k, True)
-        contribution[k] = best - without[k]
+            trial = elbo()
+            if np.isfinite(trial) and trial >= best:
+                best, last_pruned = trial, position
+                logger.info("pruned factor %d: the ELBO is no lower without it", k)
+            else:
+                _switch(model, k, True)
+                without[k] = trial
+        # `best` is the ELBO of the kept factors, with the same draws
+        contribution = np.zeros(len(tried))
+        for position, k in enumerate(tried):
+            if k not in without:
+                continue
+            if position < last_pruned:  # tried while a later-pruned factor was still on
+                _switch(model, k, False)
+                without[k] = elbo()
+                _switch(model, k, True)
+            contribution[k] = best - without[k]
     active = model.factors.active.cpu().numpy() > 0
     order = np.lexsort((-contribution, ~active))
     index = torch.as_tensor(order, device=model.factors.active.device)
@@ -816,10 +864,11 @@ def view_contribution(model: SparseFactorModel, elbo) -> np.ndarray:
     which the views share."""
     base = elbo(by_view=True)
     out = np.zeros((base.size, model.factors.k))
-    for k in np.flatnonzero(model.factors.active.cpu().numpy() > 0):
-        _switch(model, k, False)
-        out[:, k] = base - elbo(by_view=True)
-        _switch(model, k, True)
+    with _switches_restored_on_interrupt(model):
+        for k in np.flatnonzero(model.factors.active.cpu().numpy() > 0):
+            _switch(model, k, False)
+            out[:, k] = base - elbo(by_view=True)
+            _switch(model, k, True)
     return out
 
 

@@ -191,3 +191,27 @@ def test_obs_columns_as_covariates_one_hot_and_numeric():
 def test_bad_covariate_columns(covariates, match):
     with pytest.raises(ValueError, match=match):
         spfa_anndata.fit(counts(), 2, covariates=covariates, **PARAMS)
+
+
+def test_an_interrupted_fit_is_written_and_the_interrupt_goes_on(interrupt_at):
+    """Ctrl-C once training has a checked state: adata holds that fit, as the estimator
+    does, and says where it stopped; the exception carries the estimator."""
+    adata = counts()
+    interrupt_at(130)
+    with pytest.raises(spfa_anndata.FitInterrupted, match="interrupted at step 129") as info:
+        spfa_anndata.fit(adata, 3, **{**PARAMS, "tol": 0.0})
+    est = info.value.estimator
+    assert est.n_iter_ == 129
+    np.testing.assert_array_equal(adata.obsm["X_spfa"], est.loadings_)
+    np.testing.assert_array_equal(adata.varm["spfa_factors"], est.components_.T)
+    assert "interrupted at step 129" in adata.uns["spfa"]["interrupted"]
+    assert len(adata.uns["spfa"]["elbo"]) == 100  # the windows checked before it
+
+
+def test_an_interrupt_before_any_checked_state_leaves_adata_unchanged(interrupt_at):
+    adata = counts()
+    interrupt_at(7)
+    with pytest.raises(KeyboardInterrupt, match="no window was completed") as info:
+        spfa_anndata.fit(adata, 3, **PARAMS)
+    assert not isinstance(info.value, spfa_anndata.FitInterrupted)
+    assert "X_spfa" not in adata.obsm and "spfa" not in adata.uns

@@ -267,3 +267,21 @@ def test_fit_views_from_a_var_column(tmp_path, capsys):
     assert code != 0 and "names a view twice" in err
     code, _, err = run(["choose-k", path, "--candidates", "1", "2", *views, "-q"], capsys)
     assert code != 0 and "fits one likelihood" in err
+
+
+def test_an_interrupted_fit_writes_what_it_has(tmp_path, capsys, interrupt_at):
+    """Ctrl-C during a fit from the shell: the fit so far is written to the output and
+    the model file, and the command exits 130 saying so."""
+    path, _, _ = write_input("h5ad", tmp_path)
+    out, model = tmp_path / "out.h5ad", tmp_path / "model.pt"
+    interrupt_at(60)  # in the second window: no stopping rule has ended the fit before
+    argv = ["fit", path, "-k", "2", "-o", out, "--save-model", model, "--quiet"]
+    code, _, err = run([*argv, "--max-iter", "1000", "--seed", "0"], capsys)
+    assert code == 130
+    assert err.startswith("spfa: error: interrupted: ") and err.count("\n") == 1
+    assert "interrupted at step 59" in err and f"wrote it to {out} and {model}" in err
+    result = ad.read_h5ad(out)
+    assert "interrupted at step 59" in result.uns["spfa"]["interrupted"]
+    assert len(result.uns["spfa"]["elbo"]) == 50
+    code, text, _ = run(["info", model], capsys)
+    assert code == 0 and "poisson" in text

@@ -197,6 +197,81 @@ def test_an_interrupt_before_the_first_checked_window_keeps_the_previous_state(c
         est.transform(counts)
 
 
+class _PruneFault:
+    """Wraps ``spfa.fitting.prune_and_rank``: its ``nth`` call raises KeyboardInterrupt
+    at the ELBO's ``at``-th evaluation (some factors then switched off); ``entered`` and
+    ``returned`` record the model's state when each call begins and ends."""
+
+    def __init__(self, monkeypatch, nth, at):
+        from spfa import fitting
+
+        self.entered, self.returned = [], []
+        original = fitting.prune_and_rank
+
+        def prune_and_rank(model, elbo, group):
+            self.entered.append(_state(model))
+            calls = []
+
+            def faulty(*args, **kwargs):
+                calls.append(1)
+                if len(self.entered) == nth and len(calls) == at:
+                    raise KeyboardInterrupt
+                return elbo(*args, **kwargs)
+
+            out = original(model, faulty, group)
+            self.returned.append(_state(model))
+            return out
+
+        monkeypatch.setattr(fitting, "prune_and_rank", prune_and_rank)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_state(est, state):
+    assert set(est.state_dict_) == set(state)
+    for key, value in state.items():
+        torch.testing.assert_close(est.state_dict_[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_an_interrupt_while_pruning_keeps_the_trained_fit(monkeypatch):
+    """Ctrl-C in the pass that prunes and ranks the factors (factors switched off for the
+    comparison) keeps the model as trained: every factor on, in training order, with
+    contributions NaN (not measured) and a finite ELBO; the interrupt goes on."""
+    from spfa.simulate import simulate
+
+    fault = _PruneFault(monkeypatch, nth=1, at=3)
+    x = simulate(seed=1, likelihood="poisson").x
+    est = SparseFactorAnalysis(4, max_iter=150, random_state=0)
+    with pytest.raises(KeyboardInterrupt, match="pruning and ranking.*holds that fit"):
+        est.fit(x)
+    _assert_state(est, fault.entered[0])
+    assert est.active_components_.all() and np.isnan(est.elbo_contribution_).all()
+    assert np.isfinite(est.elbo_) and est.elbo_ == est.history_["elbo"][-1]
+    assert est.loadings_propagated_var_ is None  # not widened: the fit stopped there
+    monkeypatch.undo()
+    assert np.isfinite(est.transform(x[:4])).all()
+
+
+def test_an_interrupt_while_pruning_again_keeps_the_first_pruned_fit(monkeypatch):
+    """Ctrl-C while the fit prunes again after training on without the pruned factors
+    keeps the first pruned and ranked fit."""
+    from spfa.simulate import simulate
+
+    fault = _PruneFault(monkeypatch, nth=2, at=2)
+    x = simulate(seed=1, likelihood="poisson").x
+    est = SparseFactorAnalysis(4, max_iter=400, random_state=0)
+    with pytest.raises(KeyboardInterrupt, match="pruning again.*first pruned fit was kept"):
+        est.fit(x)
+    assert len(fault.entered) == 2  # it did prune a factor, and trained on
+    _assert_state(est, fault.returned[0])
+    assert not est.active_components_.all() and np.isfinite(est.elbo_contribution_).all()
+    # the record is the first training's, the priors' windows included
+    assert est.history_["step"][-1] == len(est.history_["elbo"]) == est.n_iter_
+    assert np.isfinite(est.elbo_)
+
+
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_a_failed_refit_leaves_the_previous_fit_intact(counts, monkeypatch, error):
     est = SparseFactorAnalysis(2, **FAST).fit(counts)

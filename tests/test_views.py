@@ -445,3 +445,34 @@ def test_views_second_review_fixes(two_views):
     model.load_state_dict(state)  # strict: the legacy keys are taken, not unexpected
     with pytest.raises(ValueError, match="scores the training rows"):
         heldout_log_likelihood(fitted, sim.x[:, :10])
+
+
+def test_an_interrupt_while_measuring_the_views_keeps_the_fit(monkeypatch):
+    """Ctrl-C while each factor's contribution to each view is measured (factors switched
+    off one by one) keeps the fit with every factor as trained; those contributions are
+    NaN (not measured) and the interrupt goes on."""
+    from spfa import fitting
+
+    original = fitting.view_contribution
+
+    def interrupted(model, elbo):
+        calls = []
+
+        def faulty(by_view=False):
+            calls.append(1)
+            if len(calls) == 2:  # the first kept factor is switched off
+                raise KeyboardInterrupt
+            return elbo(by_view=by_view)
+
+        return original(model, faulty)
+
+    monkeypatch.setattr(fitting, "view_contribution", interrupted)
+    sim = simulate_views(n=60, views=(("rna", "poisson", 30), ("adt", "gaussian", 10)), seed=2)
+    est = SparseFactorAnalysis(2, likelihood=LIKELIHOODS, max_iter=100, random_state=0)
+    with pytest.raises(KeyboardInterrupt, match="views' contributions.*holds that fit"):
+        est.fit(sim.x, feature_groups=sim.feature_groups)
+    assert est.view_elbo_contribution_.shape == (2, 2)
+    assert np.isnan(est.view_elbo_contribution_).all()
+    kept = est.active_components_
+    assert kept.any() and np.isfinite(est.elbo_contribution_[kept]).all()
+    np.testing.assert_array_equal(est.get_model().factors.active.numpy() > 0, kept)
