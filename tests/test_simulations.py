@@ -231,3 +231,24 @@ def test_views_oracle_is_the_posterior_mean(likelihoods):
     got = oracle_mean(sim, design, pi0=pi0)
     tol = 1e-5 if not counts.any() else 1e-2  # a prior pi0 of 0.5 misses by 5e-2 in both
     np.testing.assert_allclose(got, expected, atol=tol * np.abs(expected).max())
+
+
+def test_detection_smoke(capsys):
+    """Seed 1 of the Poisson design: its second factor is found from both starts and adds
+    log-likelihood at the truth; a pruned factor's loadings are read as pruning found them."""
+    from simulations import detection
+
+    (row,) = detection.main(["--designs", "poisson", "--n-reps", "1"])
+    assert row["gain"] > 0
+    for start in ("own", "truth"):
+        assert row[start]["before"] > 0.7 and row[start]["kept"], row
+    assert "| poisson | 1 |" in capsys.readouterr().out
+
+    from simulations.peers import fit_spfa
+    from spfa.simulate import simulate
+
+    sim = simulate("poisson", seed=1)
+    est = fit_spfa(sim.x, 3, "poisson", seed=1, max_iter=100).estimator
+    pruned = ~est.active_components_
+    assert pruned.any() and np.all(est.loadings_[:, pruned] == 0)
+    assert np.all(np.abs(detection.before_pruning(est)[:, pruned]).max(axis=0) > 0)
