@@ -6,8 +6,8 @@ its entries' intervals are then exactly ``[0, 0]``. For each replicate this scri
 the design twice, from spfa's own start and from the true ``L`` and ``F``, and reports:
 
 - ``before``: the largest |correlation| between the planted factor's loadings and any
-  fitted factor's, as that factor stood when pruning looked at it (a pruned factor's
-  parameters are kept, switched off);
+  fitted factor's, a pruned factor's as pruning left it (its parameters are kept,
+  switched off, and training on does not move them) and a kept one's as fitted;
 - whether that factor was kept, and the ELBO of the fit;
 - ``gain``: what the planted factor adds to the log-likelihood of the data at the true
   values (the likelihood's log-density by scipy, with and without it) — an upper view
@@ -45,8 +45,8 @@ def log_likelihood(x, eta, likelihood, size_factors=None, inverse_dispersion=5.0
 
 
 def before_pruning(est) -> np.ndarray:
-    """``E[L]`` of every factor as pruning found it, ``(n, k)``: a pruned factor's
-    parameters stay in the model, switched off."""
+    """``E[L]`` of every factor, ``(n, k)``, a pruned one's as pruning left it: its
+    parameters stay in the model, switched off (they get no gradient after)."""
     model = est.get_model()
     model.loadings.active.fill_(1.0)
     return model.loadings.moments().mean.detach().cpu().numpy()

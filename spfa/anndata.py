@@ -50,19 +50,30 @@ __all__ = ["FitInterrupted", "counts", "covariate_design", "fit", "layer_matrix"
 
 
 class FitInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped :func:`fit` once training had a state to keep: ``adata`` holds that
-    fit, as a finished one would (``uns[key_added]["interrupted"]`` says where it
-    stopped), and ``estimator`` is it.
+    """A Ctrl-C that stopped :func:`fit` once training had a state to keep.
+
+    ``adata`` holds that fit, as it would a finished one, and
+    ``uns[key_added]["interrupted"]`` says where it stopped.
 
     Parameters
     ----------
-    message : str
+    where : str
+        Where the fit stopped and what it kept.
+    estimator : SparseFactorAnalysis
+        The estimator, holding the fit.
+
+    Attributes
+    ----------
+    where : str
     estimator : SparseFactorAnalysis
     """
 
-    def __init__(self, message: str, estimator: SparseFactorAnalysis):
-        super().__init__(message)
-        self.estimator = estimator
+    def __init__(self, where: str, estimator: SparseFactorAnalysis):
+        super().__init__(f"{where}; adata holds that fit")
+        self.where, self.estimator = where, estimator
+
+    def __reduce__(self):
+        return type(self), (self.where, self.estimator)
 
 
 def layer_matrix(adata, layer=None):
@@ -300,7 +311,8 @@ def fit(
     except KeyboardInterrupt as err:
         if not hasattr(estimator, "n_features_in_"):  # stopped before any state was kept
             raise
-        interrupted = str(err)  # the estimator holds the fit so far: written below
+        # the estimator holds the fit so far: written below
+        interrupted = str(err).removesuffix("; the estimator holds that fit")
     estimator.feature_names_in_ = np.asarray(adata.var_names[mask], dtype=object)
     if design is not None:
         columns = [covariates] if isinstance(covariates, str) else list(covariates)
@@ -337,7 +349,7 @@ def fit(
         )
     if interrupted is not None:
         adata.uns[key_added]["interrupted"] = interrupted
-        raise FitInterrupted(f"{interrupted}; adata holds that fit", estimator)
+        raise FitInterrupted(interrupted, estimator)
     return estimator
 
 

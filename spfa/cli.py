@@ -279,7 +279,7 @@ def _fit(args) -> None:
         logger.info("saved the model to %s", args.save_model)
     if interrupted is not None:
         saved = f" and {args.save_model}" if args.save_model else ""
-        raise KeyboardInterrupt(f"{interrupted.args[0]}; wrote it to {out}{saved}")
+        raise KeyboardInterrupt(f"{interrupted.where}; wrote that fit to {out}{saved}")
     logger.info(
         "%d of %d factors kept; ELBO %.6g after %d passes",
         estimator.n_effective_components_,

@@ -166,8 +166,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     elbo_contribution_ : ndarray of shape (n_components,)
         ELBO lost (nats) without each factor; factors are ordered by it. A minibatch fit
         of more than 2^23 entries estimates it from a random subset of its batches. NaN
-        where a Ctrl-C stopped the fit while it pruned and ranked the factors: they are
-        then kept as trained, in training order.
+        where a Ctrl-C stopped the fit while it first pruned and ranked the factors: they
+        are then kept as trained, in training order and sign.
     explained_variance_ratio_ : ndarray of shape (n_components,)
         Gaussian only.
     noise_variance_, dispersion_, inverse_dispersion_, zero_inflation_, ... :
@@ -197,7 +197,8 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         ELBO of the fitted model (pruned factors off) on the training data, with
         fixed-seed draws where it has no closed form (a minibatch fit of more than
         2^23 entries estimates it from a random subset of its batches); passes. After a
-        Ctrl-C during pruning, the last ELBO training recorded (a Monte Carlo estimate).
+        Ctrl-C during the first pruning, the last ELBO training recorded (with Monte Carlo
+        noise where the ELBO has no closed form).
     n_rollbacks_ : int
         Windows of training that went non-finite and were rolled back with a smaller
         step (logged at INFO with what went non-finite).
@@ -437,11 +438,6 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             fit = self._fit(
                 X, size_factors, covariates, init_loadings, init_factors, feature_groups
             )
-            if fit.result.interrupted and not fit.result.history["elbo"]:
-                raise KeyboardInterrupt(
-                    f"SparseFactorAnalysis.fit {fit.result.message}: no window was completed, "
-                    "so the estimator keeps its state from before the fit"
-                )
         except BaseException:
             # a fit that fails (or a second Ctrl-C) leaves the previous fit as it was
             vars(self).clear()
@@ -487,6 +483,11 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         if group.parallel:  # every rank draws the start's and the fit's randomness alike
             rng = np.random.RandomState(group.seed(rng.randint(2**31 - 1)))
         fit = fitting.fit_model(X, s, likelihood, settings, rng, start, C)
+        if fit.result.interrupted and not fit.result.history["elbo"]:
+            raise KeyboardInterrupt(
+                f"SparseFactorAnalysis.fit {fit.result.message}: no window was completed, "
+                "so the estimator keeps its state from before the fit"
+            )
         for name, value in fitting.fit_attributes(fit, X, group).items():
             setattr(self, name, value)
         self.training_size_factors_ = s

@@ -573,11 +573,12 @@ def _fit_model(X, s, likelihood, settings: FitSettings, rng, start=None, covaria
     finally:
         monitor.close()
     if likelihood.views is not None:
-        try:
-            fit.view_contribution = view_contribution(model, paired_elbo(data, model, settings))
-        except KeyboardInterrupt:  # the switches were put back: the fit stands
-            fit.view_contribution = np.full((len(likelihood.views.names), model.factors.k), np.nan)
-            _interrupted(fit.result, "measuring the views' contributions (NaN: not measured)")
+        fit.view_contribution = np.full((len(likelihood.views.names), model.factors.k), np.nan)
+        if not fit.result.interrupted:  # NaN: not measured
+            try:
+                fit.view_contribution = view_contribution(model, paired_elbo(data, model, settings))
+            except KeyboardInterrupt:  # the switches were put back: the fit stands
+                _interrupted(fit.result, "measuring the views' contributions (NaN)")
     if not fit.result.interrupted:  # an interrupted fit returns at once
         try:
             fit.propagated = propagated_variances(model, data, group)
@@ -610,15 +611,21 @@ def _interrupted(result: TrainResult, during: str) -> None:
 def _pruned_and_ranked(model: SparseFactorModel, result: TrainResult, elbo, group: Group) -> Fit:
     """The :class:`Fit` of a trained ``model``, pruned and ranked by
     :func:`prune_and_rank`. A Ctrl-C during that pass keeps the model as trained: every
-    factor kept, in training order, their contributions NaN (not measured), and the ELBO
-    the last one training recorded (an estimate, with its Monte Carlo noise)."""
+    factor kept, in training order and sign, their contributions NaN (not measured), and
+    the ELBO the last one training recorded (an estimate, with Monte Carlo noise where
+    the ELBO has no closed form)."""
+    k = model.factors.k
+    if result.interrupted and not result.history["elbo"]:
+        # nothing was checked: the estimator keeps its previous state, so no pass is run
+        return Fit(model, result, np.full(k, np.nan), np.arange(k), {}, float("nan"))
+    trained = {name: v.detach().clone() for name, v in model.state_dict().items()}
     try:
         contribution, order, value = prune_and_rank(model, elbo, group)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # switched-off factors, a permutation or signs half done
+        model.load_state_dict(trained)
         if not result.history["elbo"]:  # nothing was checked: the estimator keeps its state
             raise
         _interrupted(result, "pruning and ranking the factors, which are kept as trained")
-        k = model.factors.k
         return Fit(model, result, np.full(k, np.nan), np.arange(k), {}, result.history["elbo"][-1])
     return Fit(model, result, contribution, order, {}, value)
 
@@ -699,7 +706,10 @@ def fit_rows(state, X, s, likelihood, settings: FitSettings, rng, covariates=Non
             exact=exact,
         )
     if result.interrupted:  # new rows' loadings are not kept: there is nowhere to keep them
-        raise KeyboardInterrupt(result.message)
+        raise KeyboardInterrupt(
+            f"interrupted at step {result.n_iter} of fitting the new rows' loadings, which "
+            "were not kept"
+        )
     return model, data, result
 
 
@@ -812,8 +822,8 @@ def prune_and_rank(
     contribution, pruned ones last); returns the contributions in the new
     order and the permutation (new factor ``i`` was factor ``order[i]`` in
     training). Across ranks, ``elbo`` and the loadings' norms are summed over the
-    ranks (``group``), so every rank decides alike. A ``KeyboardInterrupt`` while the
-    ELBO is compared puts every factor back on as trained before it propagates.
+    ranks (``group``), so every rank decides alike. A ``KeyboardInterrupt`` leaves the
+    model part way (see :func:`_pruned_and_ranked`, which restores it).
     """
     with torch.no_grad():
         l_norm = model.loadings.moments().mean.norm(dim=0)
@@ -821,31 +831,30 @@ def prune_and_rank(
             l_norm = torch.as_tensor(np.sqrt(group.sum(to_numpy(l_norm**2)))).to(l_norm)
         size = l_norm * model.factors.moments().mean.norm(dim=0)
     tried = torch.argsort(size).tolist()
-    with _switches_restored_on_interrupt(model):  # a Ctrl-C here leaves the model as trained
-        best = elbo()
-        if not np.isfinite(best):
-            raise RuntimeError(_not_finite(model, "after training"))
-        without: dict[int, float] = {}
-        last_pruned = -1
-        for position, k in enumerate(tried):
+    best = elbo()
+    if not np.isfinite(best):
+        raise RuntimeError(_not_finite(model, "after training"))
+    without: dict[int, float] = {}
+    last_pruned = -1
+    for position, k in enumerate(tried):
+        _switch(model, k, False)
+        trial = elbo()
+        if np.isfinite(trial) and trial >= best:
+            best, last_pruned = trial, position
+            logger.info("pruned factor %d: the ELBO is no lower without it", k)
+        else:
+            _switch(model, k, True)
+            without[k] = trial
+    # `best` is the ELBO of the kept factors, with the same draws
+    contribution = np.zeros(len(tried))
+    for position, k in enumerate(tried):
+        if k not in without:
+            continue
+        if position < last_pruned:  # tried while a later-pruned factor was still on
             _switch(model, k, False)
-            trial = elbo()
-            if np.isfinite(trial) and trial >= best:
-                best, last_pruned = trial, position
-                logger.info("pruned factor %d: the ELBO is no lower without it", k)
-            else:
-                _switch(model, k, True)
-                without[k] = trial
-        # `best` is the ELBO of the kept factors, with the same draws
-        contribution = np.zeros(len(tried))
-        for position, k in enumerate(tried):
-            if k not in without:
-                continue
-            if position < last_pruned:  # tried while a later-pruned factor was still on
-                _switch(model, k, False)
-                without[k] = elbo()
-                _switch(model, k, True)
-            contribution[k] = best - without[k]
+            without[k] = elbo()
+            _switch(model, k, True)
+        contribution[k] = best - without[k]
     active = model.factors.active.cpu().numpy() > 0
     order = np.lexsort((-contribution, ~active))
     index = torch.as_tensor(order, device=model.factors.active.device)

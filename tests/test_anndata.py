@@ -205,7 +205,8 @@ def test_an_interrupted_fit_is_written_and_the_interrupt_goes_on(interrupt_at):
     np.testing.assert_array_equal(adata.obsm["X_spfa"], est.loadings_)
     np.testing.assert_array_equal(adata.varm["spfa_factors"], est.components_.T)
     assert "interrupted at step 129" in adata.uns["spfa"]["interrupted"]
-    assert len(adata.uns["spfa"]["elbo"]) == 100  # the windows checked before it
+    assert len(adata.uns["spfa"]["elbo"]) == 100  # the two windows checked before it
+    assert "estimator" not in adata.uns["spfa"]["interrupted"]
 
 
 def test_an_interrupt_before_any_checked_state_leaves_adata_unchanged(interrupt_at):

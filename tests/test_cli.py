@@ -279,7 +279,7 @@ def test_an_interrupted_fit_writes_what_it_has(tmp_path, capsys, interrupt_at):
     code, _, err = run([*argv, "--max-iter", "1000", "--seed", "0"], capsys)
     assert code == 130
     assert err.startswith("spfa: error: interrupted: ") and err.count("\n") == 1
-    assert "interrupted at step 59" in err and f"wrote it to {out} and {model}" in err
+    assert "interrupted at step 59" in err and f"wrote that fit to {out} and {model}" in err
     result = ad.read_h5ad(out)
     assert "interrupted at step 59" in result.uns["spfa"]["interrupted"]
     assert len(result.uns["spfa"]["elbo"]) == 50

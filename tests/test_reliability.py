@@ -235,13 +235,22 @@ def _assert_state(est, state):
         torch.testing.assert_close(est.state_dict_[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_an_interrupt_while_pruning_keeps_the_trained_fit(monkeypatch):
+@pytest.mark.parametrize("during", ["comparing", "orienting"])
+def test_an_interrupt_while_pruning_keeps_the_trained_fit(monkeypatch, during):
     """Ctrl-C in the pass that prunes and ranks the factors (factors switched off for the
-    comparison) keeps the model as trained: every factor on, in training order, with
-    contributions NaN (not measured) and a finite ELBO; the interrupt goes on."""
+    comparison, or the factors already permuted and being given their signs) keeps the
+    model as trained: every factor on, in training order, with contributions NaN (not
+    measured) and a finite ELBO; the interrupt goes on."""
+    from spfa import fitting
     from spfa.simulate import simulate
 
-    fault = _PruneFault(monkeypatch, nth=1, at=3)
+    fault = _PruneFault(monkeypatch, nth=1, at=3 if during == "comparing" else 0)
+    if during == "orienting":
+
+        def orient_(model):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(fitting, "orient_", orient_)
     x = simulate(seed=1, likelihood="poisson").x
     est = SparseFactorAnalysis(4, max_iter=150, random_state=0)
     with pytest.raises(KeyboardInterrupt, match="pruning and ranking.*holds that fit"):
@@ -270,6 +279,13 @@ def test_an_interrupt_while_pruning_again_keeps_the_first_pruned_fit(monkeypatch
     # the record is the first training's, the priors' windows included
     assert est.history_["step"][-1] == len(est.history_["elbo"]) == est.n_iter_
     assert np.isfinite(est.elbo_)
+
+
+def test_an_interrupted_transform_says_nothing_was_kept(counts, interrupt_at):
+    est = SparseFactorAnalysis(2, **FAST).fit(counts)
+    interrupt_at(3)
+    with pytest.raises(KeyboardInterrupt, match="new rows' loadings, which were not kept"):
+        est.transform(counts[:5])
 
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])

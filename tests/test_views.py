@@ -455,7 +455,10 @@ def test_an_interrupt_while_measuring_the_views_keeps_the_fit(monkeypatch):
 
     original = fitting.view_contribution
 
+    before = []
+
     def interrupted(model, elbo):
+        before.append(model.factors.active.clone())
         calls = []
 
         def faulty(by_view=False):
@@ -475,4 +478,6 @@ def test_an_interrupt_while_measuring_the_views_keeps_the_fit(monkeypatch):
     assert np.isnan(est.view_elbo_contribution_).all()
     kept = est.active_components_
     assert kept.any() and np.isfinite(est.elbo_contribution_[kept]).all()
+    # every factor as it was before the measurement, the one switched off included
+    np.testing.assert_array_equal(kept, before[0].numpy() > 0)
     np.testing.assert_array_equal(est.get_model().factors.active.numpy() > 0, kept)
