@@ -20,7 +20,10 @@ only some columns, so a backed file's ``X`` is never loaded whole.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -94,13 +97,44 @@ def _reason(err: Exception) -> str:
     return text[0] if text else type(err).__name__
 
 
+@contextlib.contextmanager
+def _noting_interrupts():
+    """Yields a list that a Ctrl-C inside appends to, still raising KeyboardInterrupt.
+
+    pandas' C parser turns a KeyboardInterrupt raised while it reads into a
+    ``ParserError`` ("Calling read(nbytes) on source failed"), with no trace of the
+    interrupt; the list tells one from a bad file. Only Python's own SIGINT handler,
+    in the main thread, is stood in for; elsewhere the list stays empty.
+    """
+    seen: list[int] = []
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield seen
+        return
+
+    def handler(signum, frame):
+        seen.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _read_table(path: Path, ad, sep: str):
     import pandas as pd  # a dependency of anndata
 
-    try:
-        table = pd.read_csv(path, sep=sep, index_col=0)
-    except Exception as err:  # noqa: BLE001 - parser, encoding and OS errors alike
-        raise ValueError(f"{path} is not a readable table ({_reason(err)})") from err
+    with _noting_interrupts() as interrupts:
+        try:
+            table = pd.read_csv(path, sep=sep, index_col=0)
+        except Exception as err:  # noqa: BLE001 - parser, encoding and OS errors alike
+            if interrupts:  # a Ctrl-C that pandas reported as a bad file
+                raise KeyboardInterrupt(f"interrupted while reading {path}") from None
+            raise ValueError(f"{path} is not a readable table ({_reason(err)})") from err
     if table.shape[1] == 0:
         raise ValueError(f"{path} has no feature columns (expected a header of feature names)")
     if table.shape[0] == 0:

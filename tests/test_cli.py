@@ -285,3 +285,37 @@ def test_an_interrupted_fit_writes_what_it_has(tmp_path, capsys, interrupt_at):
     assert len(result.uns["spfa"]["elbo"]) == 50
     code, text, _ = run(["info", model], capsys)
     assert code == 0 and "poisson" in text
+
+
+def test_an_interrupt_while_reading_a_table_is_not_called_a_bad_file(tmp_path, capsys, monkeypatch):
+    """pandas' C parser reports a Ctrl-C during its read as a ParserError ("Calling
+    read(nbytes) on source failed"); spfa says it was interrupted, and a bad file is still
+    a bad file."""
+    import os
+    import signal
+    import time
+
+    import pandas as pd
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+    path, _, _ = write_input("csv", tmp_path)
+
+    def read_csv(*args, **kwargs):  # a Ctrl-C mid-read, reported as pandas reports it
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise pd.errors.ParserError("C error: Calling read(nbytes) on source failed") from None
+
+    monkeypatch.setattr(pd, "read_csv", read_csv)
+    code, _, err = run(["fit", path, "-k", "2", "-o", tmp_path / "out.h5ad", "--quiet"], capsys)
+    assert code == 130 and f"interrupted while reading {path}" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def bad(*args, **kwargs):  # the same error without an interrupt: a bad file
+        raise pd.errors.ParserError("C error: Expected 3 fields in line 4, saw 5")
+
+    monkeypatch.setattr(pd, "read_csv", bad)
+    code, _, err = run(["fit", path, "-k", "2", "-o", tmp_path / "out.h5ad", "--quiet"], capsys)
+    assert code == 1 and "is not a readable table" in err
