@@ -169,7 +169,7 @@ class SparseFactorAnalysis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         where a Ctrl-C stopped the fit while it first pruned and ranked the factors: they
         are then kept as trained, in training order and sign.
     explained_variance_ratio_ : ndarray of shape (n_components,)
-        Gaussian only.
+        Gaussian only (NaN if a Ctrl-C stopped its pass over the data).
     noise_variance_, dispersion_, inverse_dispersion_, zero_inflation_, ... :
         The likelihood's fitted nuisance parameters.
     covariate_coef_, covariate_coef_sd_ : ndarray of shape (n_features, n_covariates)

@@ -955,9 +955,13 @@ def fit_attributes(fit: Fit, X, group: Group = SINGLE) -> dict:
     out["n_rollbacks_"] = fit.result.n_rollbacks
     out["history_"] = {**fit.result.history, **fit.prior_history}
     if not fit.model.likelihood.positive_mean:
-        out["explained_variance_ratio_"] = explained_variance_ratio(
-            X, out["loadings_"], out["components_"], group
-        )
+        try:
+            out["explained_variance_ratio_"] = explained_variance_ratio(
+                X, out["loadings_"], out["components_"], group
+            )
+        except KeyboardInterrupt:  # a pass over the data: the fit stands without it
+            out["explained_variance_ratio_"] = np.full(fit.model.factors.k, np.nan)
+            _interrupted(fit.result, "measuring explained_variance_ratio_ (NaN)")
     out["elbo_"] = float(fit.elbo)
     return out
 

@@ -281,6 +281,24 @@ def test_an_interrupt_while_pruning_again_keeps_the_first_pruned_fit(monkeypatch
     assert np.isfinite(est.elbo_)
 
 
+def test_an_interrupt_while_measuring_explained_variance_keeps_the_fit(counts, monkeypatch):
+    """The Gaussian fit's explained variance is a pass over the data after training: a
+    Ctrl-C there keeps the fit, with that attribute NaN, and goes on."""
+    from spfa import fitting
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fitting, "explained_variance_ratio", interrupted)
+    est = SparseFactorAnalysis(2, likelihood="gaussian", **FAST)
+    with pytest.raises(KeyboardInterrupt, match="explained_variance_ratio_.*holds that fit"):
+        est.fit(np.log1p(counts))
+    assert np.isnan(est.explained_variance_ratio_).all()
+    assert np.isfinite(est.components_).all() and np.isfinite(est.elbo_)
+    monkeypatch.undo()
+    assert np.isfinite(est.transform(np.log1p(counts[:4]))).all()
+
+
 def test_an_interrupted_transform_says_nothing_was_kept(counts, interrupt_at):
     est = SparseFactorAnalysis(2, **FAST).fit(counts)
     interrupt_at(3)
