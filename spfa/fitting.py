@@ -39,7 +39,7 @@ from .model import SparseFactorModel
 from .monitor import Monitor
 from .posterior import Posterior
 from .progress import ProgressBar, showing_logs
-from .training import TrainResult, train
+from .training import TrainResult, state_copy, train
 from .views import size_grid
 
 __all__ = [
@@ -618,7 +618,7 @@ def _pruned_and_ranked(model: SparseFactorModel, result: TrainResult, elbo, grou
     if result.interrupted and not result.history["elbo"]:
         # nothing was checked: the estimator keeps its previous state, so no pass is run
         return Fit(model, result, np.full(k, np.nan), np.arange(k), {}, float("nan"))
-    trained = {name: v.detach().clone() for name, v in model.state_dict().items()}
+    trained = state_copy(model)
     try:
         contribution, order, value = prune_and_rank(model, elbo, group)
     except KeyboardInterrupt:  # switched-off factors, a permutation or signs half done
@@ -643,32 +643,33 @@ def _train_on_after_pruning(fit: Fit, objective, data, settings, monitor) -> np.
         return identity
     n_first = len(monitor.prior_history["step"])
     monitor.offset = len(result.history["elbo"])
-    pruned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    pruned = state_copy(model)
     within = dataclasses.replace(settings, max_iter=left)
     refit = _train(
         model, objective, data, within, monitor, 1, description="refit", window=WINDOW // 2
     )
+
+    def keep_pruned() -> np.ndarray:  # the first pruned fit and its record stand
+        model.load_state_dict(pruned)
+        for windows in monitor.prior_history.values():
+            del windows[n_first:]
+        return identity
+
     try:
         contribution, again, elbo = prune_and_rank(
             model, paired_elbo(data, model, settings), settings.group
         )
-    except KeyboardInterrupt:  # the pruned fit stands, as when training on ends lower
-        model.load_state_dict(pruned)
-        for windows in monitor.prior_history.values():
-            del windows[n_first:]
+    except KeyboardInterrupt:  # as when training on ends lower
         _interrupted(result, "pruning again after training on; the first pruned fit was kept")
-        return identity
+        return keep_pruned()
     if elbo >= fit.elbo:
         fit.contribution, fit.elbo, fit.order = contribution, elbo, fit.order[again]
         fit.result = result.followed_by(refit)
         return again
     # no better (a sparse simulation: 0.8 nats lower): the pruned fit stands
     logger.info("training on after pruning ended lower; kept the pruned fit")
-    model.load_state_dict(pruned)
-    for windows in monitor.prior_history.values():
-        del windows[n_first:]
     result.interrupted, result.message = refit.interrupted, refit.message
-    return identity
+    return keep_pruned()
 
 
 def fit_rows(state, X, s, likelihood, settings: FitSettings, rng, covariates=None):

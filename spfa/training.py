@@ -61,9 +61,14 @@ class TrainResult:
         )
 
 
+def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``module``'s state (parameters and buffers, on their device) that
+    ``module.load_state_dict`` puts back."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
 def _snapshot(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple:
-    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    return state, [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    return state_copy(module), [copy.deepcopy(opt.state_dict()) for opt in optimizers]
 
 
 #: Adam's decay rates of its gradient and squared-gradient averages. torch's
